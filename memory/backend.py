@@ -1,0 +1,100 @@
+"""The array backend: NumPy on the host, CuPy on a GPU, behind one small object.
+
+Everything device-specific in `statemesh.memory` lives here: allocation, moving rows between the
+device and host buffers (snapshots are host bytes), and index arrays. Cell metadata (positions,
+owners) always stays in NumPy on the host; only K/V rows and recurrent states live on the device.
+CuPy is optional: the package imports and works without it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from statemesh.memory.errors import BackendUnavailable, InvalidInput
+
+Array = Any  # a numpy.ndarray or a cupy.ndarray
+
+
+def _cupy_if_usable() -> Any | None:
+    try:
+        import cupy  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    try:
+        return cupy if cupy.cuda.is_available() else None
+    except Exception:  # a broken driver install is "not usable", not a crash
+        return None
+
+
+@dataclass(frozen=True)
+class Backend:
+    """`name` is "numpy" or "cupy"; `xp` is the array module."""
+
+    name: str
+    xp: Any
+
+    @property
+    def is_host(self) -> bool:
+        return self.name == "numpy"
+
+    def zeros(self, shape: tuple[int, ...], dtype: str) -> Array:
+        return self.xp.zeros(shape, dtype=dtype)
+
+    def asarray(self, a: Any, dtype: Any = None) -> Array:
+        return self.xp.asarray(a, dtype=dtype)
+
+    def index(self, cells: np.ndarray) -> Array:
+        """A host index array as the backend wants it for fancy indexing."""
+        return cells if self.is_host else self.xp.asarray(cells)
+
+    def to_host(self, a: Array) -> np.ndarray:
+        return a if self.is_host else self.xp.asnumpy(a)
+
+    def gather_to_host(self, src: Array, cells: np.ndarray, out: np.ndarray) -> None:
+        """out[i] = src[cells[i]], with `out` a host array; a contiguous run is one block copy."""
+        n = len(cells)
+        if n == 0:
+            return
+        first = int(cells[0])
+        contiguous = int(cells[-1]) - first + 1 == n and bool(np.all(np.diff(cells) == 1))
+        if self.is_host:
+            if contiguous:
+                np.copyto(out, src[first : first + n])
+            else:
+                np.take(src, cells, axis=0, out=out)
+        else:
+            rows = src[first : first + n] if contiguous else src[self.index(cells)]
+            rows.get(out=out)
+
+    def scatter_from_host(self, dst: Array, cells: np.ndarray, rows: np.ndarray) -> None:
+        """dst[cells[i]] = rows[i], with `rows` a host array."""
+        n = len(cells)
+        if n == 0:
+            return
+        first = int(cells[0])
+        contiguous = int(cells[-1]) - first + 1 == n and bool(np.all(np.diff(cells) == 1))
+        data = rows if self.is_host else self.xp.asarray(rows)
+        if contiguous:
+            dst[first : first + n] = data
+        else:
+            dst[self.index(cells)] = data
+
+
+def get_backend(name: str = "auto") -> Backend:
+    """"auto" takes CuPy where a GPU is usable and NumPy otherwise; "cupy" insists on the GPU."""
+    if name == "numpy":
+        return Backend("numpy", np)
+    if name in ("cupy", "auto"):
+        cupy = _cupy_if_usable()
+        if cupy is not None:
+            return Backend("cupy", cupy)
+        if name == "cupy":
+            raise BackendUnavailable(
+                "backend='cupy' needs CuPy and a usable CUDA GPU; install statemesh[gpu] on a GPU "
+                "machine, or use backend='numpy' or 'auto'"
+            )
+        return Backend("numpy", np)
+    raise InvalidInput(f"backend must be 'auto', 'numpy' or 'cupy', got {name!r}")

@@ -1,0 +1,238 @@
+"""The batch plan: split a batch into micro-batches, reserve memory for each in turn, undo on error.
+
+    with mem.batch(batch, n_ubatch=512) as plan:   # MemoryFull here if it cannot fit; nothing changed
+        for ub in plan:                             # cells / state slots for ub are now reserved
+            ub.store_kv(layer, k, v); k, v, pos = ub.kv(layer, seq)
+            conv, ssm = ub.state(layer); ub.store_state(layer, conv, ssm)
+    # leaving normally commits; leaving by an exception undoes every cell and state the batch touched
+
+Planning never mutates: `Memory.batch` dry-runs every micro-batch through a transaction and rolls
+it back (as llama.cpp's `prepare` does), so the real run cannot run out of room.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Iterator
+
+import numpy as np
+
+from statemesh.memory.backend import Array
+from statemesh.memory.batch import Batch
+from statemesh.memory.errors import BatchStateError, InvalidBatch
+
+if TYPE_CHECKING:
+    from statemesh.memory.base import Memory
+
+
+class MicroBatch:
+    """A slice of a batch that memory has reserved room for.
+
+    `rows`: int64 indices into the batch. `positions`, `seq_ids`: those rows' values. `seqs`: the
+    sequences present, in the order `state` uses. `n_seq_tokens`: for an equal split, every sequence
+    has exactly this many rows, laid out sequence-major in `seqs` order (so a model can view the rows
+    as [len(seqs), n_seq_tokens]); None for a simple split, where rows keep batch order."""
+
+    def __init__(self, batch: Batch, rows: np.ndarray, seqs: tuple[int, ...], n_seq_tokens: int | None):
+        self.rows = rows
+        self.positions: np.ndarray = batch.positions[rows]
+        self.seq_ids: np.ndarray = batch.seq_ids[rows]
+        self.seqs = seqs
+        self.n_seq_tokens = n_seq_tokens
+        self.slots: dict[int, Any] = {}  # id(leaf part) -> what that part reserved for this ub
+        self.stored: set[int] = set()  # layers written during this micro-batch
+        self._memory: Memory | None = None  # set while this micro-batch is the current one
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _live(self) -> Memory:
+        if self._memory is None:
+            raise BatchStateError("this micro-batch is no longer current: use each ub inside its loop turn")
+        return self._memory
+
+    def store_kv(self, layer: int, k: Array, v: Array) -> None:
+        """Store this micro-batch's keys `[len(ub), n_kv_heads, head_dim]` and values at `layer`."""
+        self._live()._leaf(layer)._store_kv(self, layer, k, v)
+        self.stored.add(layer)
+
+    def kv(self, layer: int, seq: int) -> tuple[Array, Array, Array]:
+        """What `seq` sees at `layer` now (earlier tokens and this micro-batch's), sorted by position:
+        k `[n, n_kv_heads, head_dim]`, v `[n, n_kv_heads, v_head_dim]`, positions `[n]` int64."""
+        memory = self._live()
+        memory._check_seq(seq)
+        return memory._leaf(layer)._kv(layer, seq)
+
+    def kv_batch(self, layer: int) -> tuple[Array, Array, Array, Array]:
+        """All of `seqs` at once, padded: k `[S, L, Hkv, D]`, v `[S, L, Hkv, Dv]`, positions
+        `[S, L]` (-1 on padding, whose k/v rows are zero), lengths `[S]`; S = len(seqs)."""
+        return self._live()._leaf(layer)._kv_batch(layer, self.seqs)
+
+    def state(self, layer: int) -> tuple[Array, Array]:
+        """The recurrent state before this micro-batch: conv `[len(seqs), *conv_shape]`, ssm
+        `[len(seqs), *ssm_shape]`, rows in `seqs` order (zeros for a sequence that starts here)."""
+        return self._live()._leaf(layer)._state(self, layer)
+
+    def store_state(self, layer: int, conv: Array, ssm: Array) -> None:
+        """Store the state after this micro-batch, shaped as `state` returned it."""
+        self._live()._leaf(layer)._store_state(self, layer, conv, ssm)
+        self.stored.add(layer)
+
+
+def split_simple(batch: Batch, n_ubatch: int) -> list[MicroBatch]:
+    """Consecutive chunks of `n_ubatch` rows in batch order (enough for attention-only memories)."""
+    ubatches = []
+    for start in range(0, batch.n_tokens, n_ubatch):
+        rows = np.arange(start, min(start + n_ubatch, batch.n_tokens), dtype=np.int64)
+        seqs = tuple(int(s) for s in np.unique(batch.seq_ids[rows]))
+        ubatches.append(MicroBatch(batch, rows, seqs, None))
+    return ubatches
+
+
+def split_equal(batch: Batch, n_ubatch: int) -> list[MicroBatch]:
+    """Micro-batches that hold an equal-length run of each of their sequences' tokens, in order
+    (llama.cpp's equal split), since a recurrent scan is sequential per sequence.
+
+    Example: seq 0 has 5 tokens, seq 1 has 2, n_ubatch=8: first ub = 2 tokens of each (rows
+    seq-major, n_seq_tokens=2), then ub = seq 0's remaining 3."""
+    order = np.argsort(batch.seq_ids, kind="stable")
+    seq_sorted = batch.seq_ids[order]
+    starts = np.flatnonzero(np.r_[True, seq_sorted[1:] != seq_sorted[:-1]])
+    ends = np.r_[starts[1:], len(order)]
+    runs = {int(seq_sorted[s]): order[s:e] for s, e in zip(starts, ends)}  # seq -> its rows in order
+    taken = {seq: 0 for seq in runs}
+    ubatches = []
+    while True:
+        active = [seq for seq in sorted(runs) if taken[seq] < len(runs[seq])][:n_ubatch]
+        if not active:
+            return ubatches
+        n_seq_tokens = min(min(len(runs[s]) - taken[s] for s in active), n_ubatch // len(active))
+        rows = np.concatenate([runs[s][taken[s] : taken[s] + n_seq_tokens] for s in active])
+        for s in active:
+            taken[s] += n_seq_tokens
+        ubatches.append(MicroBatch(batch, rows.astype(np.int64), tuple(active), n_seq_tokens))
+
+
+class Transaction(ABC):
+    """One batch's changes to one memory: applied micro-batch by micro-batch, then kept or undone."""
+
+    @abstractmethod
+    def apply(self, ub: MicroBatch) -> None:
+        """Reserve room for `ub` and record how to undo it; MemoryFull if there is none."""
+
+    @abstractmethod
+    def rollback(self) -> None:
+        """Undo every change since the transaction began, data included."""
+
+    @abstractmethod
+    def commit(self) -> None:
+        """Keep the changes; the undo records are dropped."""
+
+
+class CompositeTransaction(Transaction):
+    """Parts in order; the part that can refuse goes first. Undone in reverse order."""
+
+    def __init__(self, parts: list[Transaction]):
+        self.parts = parts
+
+    def apply(self, ub: MicroBatch) -> None:
+        for p in self.parts:
+            p.apply(ub)
+
+    def rollback(self) -> None:
+        for p in reversed(self.parts):
+            p.rollback()
+
+    def commit(self) -> None:
+        for p in self.parts:
+            p.commit()
+
+
+class BatchPlan:
+    """What `Memory.batch` returns: a context manager that yields the micro-batches."""
+
+    def __init__(self, memory: Memory, ubatches: list[MicroBatch], n_ubatch: int):
+        self._memory = memory
+        self._ubatches = ubatches
+        self.n_ubatch = n_ubatch
+        self._txn: Transaction | None = None
+        self._done = 0
+        self._iterated = False
+
+    def __len__(self) -> int:
+        return len(self._ubatches)
+
+    def __enter__(self) -> BatchPlan:
+        if self._txn is not None or self._iterated:
+            raise BatchStateError("a batch plan can be entered once")
+        self._memory._open(self)
+        self._txn = self._memory._transaction(real=True)
+        return self
+
+    def __iter__(self) -> Iterator[MicroBatch]:
+        if self._txn is None:
+            raise BatchStateError("iterate a batch plan inside `with mem.batch(...) as plan:`")
+        if self._iterated:
+            raise BatchStateError("a batch plan can be iterated once")
+        self._iterated = True
+        for ub in self._ubatches:
+            ub.slots.clear()
+            self._txn.apply(ub)
+            ub._memory = self._memory
+            try:
+                yield ub
+            finally:
+                ub._memory = None
+            self._check_stored(ub)
+            self._done += 1
+
+    def _check_stored(self, ub: MicroBatch) -> None:
+        missing = sorted(set(self._memory.layers) - ub.stored)
+        if missing:
+            raise BatchStateError(
+                f"micro-batch {self._done} ended without storing layers {missing}: every layer this "
+                "memory holds must call store_kv / store_state once per micro-batch"
+            )
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        assert self._txn is not None
+        try:
+            if exc_type is None and self._done == len(self._ubatches):
+                self._txn.commit()
+                return
+            self._txn.rollback()
+        finally:
+            self._memory._close(self)
+        if exc_type is None:
+            raise BatchStateError(
+                f"the batch was left after {self._done} of {len(self._ubatches)} micro-batches; "
+                "it was undone: process every micro-batch before leaving the block"
+            )
+
+
+def check_continuation(batch: Batch, pos_max: dict[int, int]) -> None:
+    """Each sequence's positions in the batch continue it: the first is `seq_pos_max + 1` (anything
+    for an empty sequence, pos_max -1) and they rise by one in batch order."""
+    order = np.argsort(batch.seq_ids, kind="stable")
+    seq_sorted = batch.seq_ids[order]
+    pos_sorted = batch.positions[order]
+    first = np.r_[True, seq_sorted[1:] != seq_sorted[:-1]]
+    steps = np.diff(pos_sorted)
+    bad = np.flatnonzero(~first[1:] & (steps != 1))
+    if len(bad):
+        i = int(bad[0]) + 1
+        raise InvalidBatch(
+            f"positions of sequence {int(seq_sorted[i])} must rise by one in batch order: got "
+            f"{int(pos_sorted[i - 1])} then {int(pos_sorted[i])}"
+        )
+    for i in np.flatnonzero(first):
+        seq, pos = int(seq_sorted[i]), int(pos_sorted[i])
+        last = pos_max[seq]
+        if last >= 0 and pos != last + 1:
+            raise InvalidBatch(
+                f"sequence {seq} holds positions up to {last}, so its batch must start at {last + 1}, "
+                f"got {pos}"
+            )
