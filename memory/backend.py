@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
 from statemesh.memory.errors import BackendUnavailable, InvalidInput
 
 Array = Any  # a numpy.ndarray or a cupy.ndarray
@@ -51,7 +50,8 @@ class Backend:
         return cells if self.is_host else self.xp.asarray(cells)
 
     def to_host(self, a: Array) -> np.ndarray:
-        return a if self.is_host else self.xp.asnumpy(a)
+        host: np.ndarray = a if self.is_host else self.xp.asnumpy(a)
+        return host
 
     def gather_to_host(self, src: Array, cells: np.ndarray, out: np.ndarray) -> None:
         """out[i] = src[cells[i]], with `out` a host array; a contiguous run is one block copy."""
@@ -84,7 +84,7 @@ class Backend:
 
 
 def get_backend(name: str = "auto") -> Backend:
-    """"auto" takes CuPy where a GPU is usable and NumPy otherwise; "cupy" insists on the GPU."""
+    """ "auto" takes CuPy where a GPU is usable and NumPy otherwise; "cupy" insists on the GPU."""
     if name == "numpy":
         return Backend("numpy", np)
     if name in ("cupy", "auto"):

@@ -10,10 +10,10 @@ or, when it refuses (`False`, `MemoryFull`) or raises, changes nothing.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
-
 from statemesh.memory import snapshot
 from statemesh.memory.backend import Array, Backend
 from statemesh.memory.batch import Batch
@@ -165,8 +165,7 @@ class Memory(ABC):
         snapshot.check_compatible(doc, self.spec)
         if doc.seq is None and seq is not None:
             raise SnapshotIncompatible(
-                f"this snapshot holds every sequence; it cannot be read into sequence {seq} "
-                "(read it with seq=None)"
+                f"this snapshot holds every sequence; it cannot be read into sequence {seq} (read it with seq=None)"
             )
         target = doc.seq if seq is None else seq
         if target is not None and target >= self.n_seq_max:
@@ -247,7 +246,8 @@ class Leaf(ABC):
     kind: str
 
     def _wrong(self, layer: int, call: str) -> InvalidLayer:
-        return InvalidLayer(f"layer {layer} is a {self.kind} layer; {call} is not available for it")
+        article = "an" if self.kind[0] in "aeiou" else "a"
+        return InvalidLayer(f"layer {layer} is {article} {self.kind} layer; {call} is not available for it")
 
     def _store_kv(self, ub: MicroBatch, layer: int, k: Array, v: Array) -> None:
         raise self._wrong(layer, "store_kv")

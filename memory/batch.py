@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
 from statemesh.memory.errors import InvalidBatch
 
 
@@ -54,9 +53,7 @@ class Batch:
         if self.logits is not None:
             logits = np.asarray(self.logits)
             if logits.shape != (n,) or logits.dtype != np.bool_:
-                raise InvalidBatch(
-                    f"batch logits must be {n} booleans, got dtype {logits.dtype} shape {logits.shape}"
-                )
+                raise InvalidBatch(f"batch logits must be {n} booleans, got dtype {logits.dtype} shape {logits.shape}")
             object.__setattr__(self, "logits", logits)
 
     @property

@@ -8,7 +8,7 @@ attention and recurrent             -> HybridMemory (its attention part a KVCach
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from statemesh.memory.backend import get_backend
 from statemesh.memory.base import Memory
@@ -47,11 +47,13 @@ def create_memory(
     chosen = get_backend(backend)
     attention_part: KVCache | ISWACache | None = None
     if any(spec.attention(i).window is not None for i in attention):
-        attention_part = ISWACache(spec, n_ctx=n_ctx, n_seq_max=n_seq_max, n_ubatch=n_ubatch,
-                                   layers=attention, backend=chosen, k_shift=k_shift)
+        attention_part = ISWACache(
+            spec, n_ctx=n_ctx, n_seq_max=n_seq_max, n_ubatch=n_ubatch, layers=attention, backend=chosen, k_shift=k_shift
+        )
     elif attention:
-        attention_part = KVCache(spec, n_cells=n_ctx, n_seq_max=n_seq_max, layers=attention,
-                                 backend=chosen, k_shift=k_shift)
+        attention_part = KVCache(
+            spec, n_cells=n_ctx, n_seq_max=n_seq_max, layers=attention, backend=chosen, k_shift=k_shift
+        )
     recurrent_part = RecurrentMemory(spec, n_seq_max=n_seq_max, layers=recurrent, backend=chosen) if recurrent else None
     if attention_part is not None and recurrent_part is not None:
         return HybridMemory(attention_part, recurrent_part)

@@ -45,8 +45,12 @@ class ISWACache(Memory):
         common: dict[str, Any] = dict(n_seq_max=n_seq_max, backend=backend, k_shift=k_shift)
         self.full = KVCache(spec, n_cells=n_ctx, layers=full, **common) if full else None
         self.windowed = KVCache(
-            spec, n_cells=min(n_ctx, n_seq_max * window + n_ubatch), layers=windowed, window=window,
-            part=snapshot.PART_WINDOWED, **common,
+            spec,
+            n_cells=min(n_ctx, n_seq_max * window + n_ubatch),
+            layers=windowed,
+            window=window,
+            part=snapshot.PART_WINDOWED,
+            **common,
         )
         self.parts = [p for p in (self.full, self.windowed) if p is not None]
 
@@ -144,4 +148,3 @@ class ISWACache(Memory):
 
     def _snapshot_prepare(self, doc: snapshot.Document, seq: int | None) -> list[Loader]:
         return [load for p in self.parts for load in p._snapshot_prepare(doc, seq)]
-

@@ -16,10 +16,10 @@ positions > p - window), and cells no owner needs any more are reused.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
-
 from statemesh.memory import snapshot
 from statemesh.memory.backend import Array, Backend, get_backend
 from statemesh.memory.base import Leaf, Loader, Memory
@@ -399,21 +399,35 @@ class KVCache(Memory, Leaf):
             counts = np.bincount(owner_rows, minlength=len(cells))
         else:
             cells = self._cells(seq).copy()
-            counts, owner_ids = np.ones(len(cells)), np.full(len(cells), seq)
-        table = snapshot.Section(snapshot.CELL_TABLE, self.part, snapshot.NO_LAYER, [
-            snapshot.ArraySource.of(self.pos[cells].astype("<i8")),
-            snapshot.ArraySource.of(counts.astype("<u4")),
-            snapshot.ArraySource.of(owner_ids.astype("<u4")),
-        ])
+            counts, owner_ids = np.ones(len(cells), dtype=np.int64), np.full(len(cells), seq, dtype=np.int64)
+        table = snapshot.Section(
+            snapshot.CELL_TABLE,
+            self.part,
+            snapshot.NO_LAYER,
+            [
+                snapshot.ArraySource.of(self.pos[cells].astype("<i8")),
+                snapshot.ArraySource.of(counts.astype("<u4")),
+                snapshot.ArraySource.of(owner_ids.astype("<u4")),
+            ],
+        )
         return [table] + [self._layer_section(layer, cells) for layer in self.layers]
 
     def _layer_section(self, layer: int, cells: np.ndarray) -> snapshot.Section:
         dtype = np.dtype(self.spec.dtype).newbyteorder("<")
         k, v = self._k[layer], self._v[layer]
-        return snapshot.Section(snapshot.ATTENTION_LAYER, self.part, layer, [
-            snapshot.ArraySource((len(cells), *k.shape[1:]), dtype, lambda out: self.backend.gather_to_host(k, cells, out)),
-            snapshot.ArraySource((len(cells), *v.shape[1:]), dtype, lambda out: self.backend.gather_to_host(v, cells, out)),
-        ])
+        return snapshot.Section(
+            snapshot.ATTENTION_LAYER,
+            self.part,
+            layer,
+            [
+                snapshot.ArraySource(
+                    (len(cells), *k.shape[1:]), dtype, lambda out: self.backend.gather_to_host(k, cells, out)
+                ),
+                snapshot.ArraySource(
+                    (len(cells), *v.shape[1:]), dtype, lambda out: self.backend.gather_to_host(v, cells, out)
+                ),
+            ],
+        )
 
     def _snapshot_prepare(self, doc: snapshot.Document, seq: int | None) -> list[Loader]:
         pos, owner_seqs, rows = self._read_table(doc)

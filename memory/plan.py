@@ -13,11 +13,11 @@ it back (as llama.cpp's `prepare` does), so the real run cannot run out of room.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-
 from statemesh.memory.backend import Array
 from statemesh.memory.batch import Batch
 from statemesh.memory.errors import BatchStateError, InvalidBatch
@@ -82,7 +82,7 @@ class MicroBatch:
 
 def split_simple(batch: Batch, n_ubatch: int) -> list[MicroBatch]:
     """Consecutive chunks of `n_ubatch` rows in batch order (enough for attention-only memories)."""
-    ubatches = []
+    ubatches: list[MicroBatch] = []
     for start in range(0, batch.n_tokens, n_ubatch):
         rows = np.arange(start, min(start + n_ubatch, batch.n_tokens), dtype=np.int64)
         seqs = tuple(int(s) for s in np.unique(batch.seq_ids[rows]))
@@ -100,9 +100,9 @@ def split_equal(batch: Batch, n_ubatch: int) -> list[MicroBatch]:
     seq_sorted = batch.seq_ids[order]
     starts = np.flatnonzero(np.r_[True, seq_sorted[1:] != seq_sorted[:-1]])
     ends = np.r_[starts[1:], len(order)]
-    runs = {int(seq_sorted[s]): order[s:e] for s, e in zip(starts, ends)}  # seq -> its rows in order
+    runs = {int(seq_sorted[s]): order[s:e] for s, e in zip(starts, ends, strict=True)}  # seq -> its rows in order
     taken = {seq: 0 for seq in runs}
-    ubatches = []
+    ubatches: list[MicroBatch] = []
     while True:
         active = [seq for seq in sorted(runs) if taken[seq] < len(runs[seq])][:n_ubatch]
         if not active:
@@ -228,11 +228,10 @@ def check_continuation(batch: Batch, pos_max: dict[int, int]) -> None:
             f"positions of sequence {int(seq_sorted[i])} must rise by one in batch order: got "
             f"{int(pos_sorted[i - 1])} then {int(pos_sorted[i])}"
         )
-    for i in np.flatnonzero(first):
-        seq, pos = int(seq_sorted[i]), int(pos_sorted[i])
-        last = pos_max[seq]
+    for start in np.flatnonzero(first):
+        seq, pos = int(seq_sorted[start]), int(pos_sorted[start])
+        last = int(pos_max[seq])
         if last >= 0 and pos != last + 1:
             raise InvalidBatch(
-                f"sequence {seq} holds positions up to {last}, so its batch must start at {last + 1}, "
-                f"got {pos}"
+                f"sequence {seq} holds positions up to {last}, so its batch must start at {last + 1}, got {pos}"
             )

@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-
 from statemesh.memory import snapshot
 from statemesh.memory.backend import Array, Backend, get_backend
 from statemesh.memory.base import Leaf, Loader, Memory
@@ -204,14 +203,18 @@ class RecurrentMemory(Memory, Leaf):
         if not isinstance(a, self.backend.xp.ndarray):
             raise InvalidShape(f"layer {layer} {name} must be a {self.backend.name} array, got {type(a).__name__}")
         if a.shape != shape or a.dtype != np.dtype(self.spec.dtype):
-            raise InvalidShape(f"layer {layer} {name} must be {self.spec.dtype} of shape {shape}, got {a.dtype} {a.shape}")
+            raise InvalidShape(
+                f"layer {layer} {name} must be {self.spec.dtype} of shape {shape}, got {a.dtype} {a.shape}"
+            )
 
     def _read_state(self, layer: int, seq: int) -> tuple[Array, Array]:
         self._leaf(layer)
         slot = int(self.slot_of[seq])
         if slot < 0:
             rec = self.spec.recurrent(layer)
-            return self.backend.zeros(rec.conv_shape, self.spec.dtype), self.backend.zeros(rec.ssm_shape, self.spec.dtype)
+            return self.backend.zeros(rec.conv_shape, self.spec.dtype), self.backend.zeros(
+                rec.ssm_shape, self.spec.dtype
+            )
         return self._conv[layer][slot].copy(), self._ssm[layer][slot].copy()
 
     # ---- batches -------------------------------------------------------------------------------------
@@ -242,20 +245,34 @@ class RecurrentMemory(Memory, Leaf):
         slots = slots[order]
         renumber = np.empty(len(order), dtype=np.int64)
         renumber[order] = np.arange(len(order))
-        table = snapshot.Section(snapshot.STATE_TABLE, snapshot.PART_RECURRENT, snapshot.NO_LAYER, [
-            snapshot.ArraySource.of(seqs.astype("<u4")),
-            snapshot.ArraySource.of(self.pos[seqs].astype("<i8")),
-            snapshot.ArraySource.of(renumber[index].astype("<u4")),
-        ])
+        table = snapshot.Section(
+            snapshot.STATE_TABLE,
+            snapshot.PART_RECURRENT,
+            snapshot.NO_LAYER,
+            [
+                snapshot.ArraySource.of(seqs.astype("<u4")),
+                snapshot.ArraySource.of(self.pos[seqs].astype("<i8")),
+                snapshot.ArraySource.of(renumber[index].astype("<u4")),
+            ],
+        )
         return [table] + [self._layer_section(layer, slots) for layer in self.layers]
 
     def _layer_section(self, layer: int, slots: np.ndarray) -> snapshot.Section:
         dtype = np.dtype(self.spec.dtype).newbyteorder("<")
         conv, ssm = self._conv[layer], self._ssm[layer]
-        return snapshot.Section(snapshot.RECURRENT_LAYER, snapshot.PART_RECURRENT, layer, [
-            snapshot.ArraySource((len(slots), *conv.shape[1:]), dtype, lambda out: self.backend.gather_to_host(conv, slots, out)),
-            snapshot.ArraySource((len(slots), *ssm.shape[1:]), dtype, lambda out: self.backend.gather_to_host(ssm, slots, out)),
-        ])
+        return snapshot.Section(
+            snapshot.RECURRENT_LAYER,
+            snapshot.PART_RECURRENT,
+            layer,
+            [
+                snapshot.ArraySource(
+                    (len(slots), *conv.shape[1:]), dtype, lambda out: self.backend.gather_to_host(conv, slots, out)
+                ),
+                snapshot.ArraySource(
+                    (len(slots), *ssm.shape[1:]), dtype, lambda out: self.backend.gather_to_host(ssm, slots, out)
+                ),
+            ],
+        )
 
     def _snapshot_prepare(self, doc: snapshot.Document, seq: int | None) -> list[Loader]:
         table = doc.table(snapshot.STATE_TABLE, snapshot.PART_RECURRENT)
@@ -289,7 +306,12 @@ class RecurrentMemory(Memory, Leaf):
         conv, ssm = section.arrays
         if section.kind != snapshot.RECURRENT_LAYER:
             raise SnapshotIncompatible(f"the snapshot's layer {layer} is not a recurrent layer")
-        if conv.shape != (n, *rec.conv_shape) or ssm.shape != (n, *rec.ssm_shape) or conv.dtype != dtype or ssm.dtype != dtype:
+        if (
+            conv.shape != (n, *rec.conv_shape)
+            or ssm.shape != (n, *rec.ssm_shape)
+            or conv.dtype != dtype
+            or ssm.dtype != dtype
+        ):
             raise SnapshotIncompatible(
                 f"the snapshot's layer {layer} holds conv {conv.dtype}{conv.shape} ssm {ssm.dtype}{ssm.shape}; "
                 f"expected {self.spec.dtype} ({n}, {rec.conv_shape}) and ({n}, {rec.ssm_shape})"

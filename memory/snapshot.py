@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import xxhash
-
 from statemesh.memory.errors import (
     SnapshotCorrupt,
     SnapshotIncompatible,
@@ -56,7 +56,7 @@ SECTION_KINDS = {CELL_TABLE: 3, STATE_TABLE: 3, ATTENTION_LAYER: 2, RECURRENT_LA
 PART_FULL, PART_WINDOWED, PART_RECURRENT = 0, 1, 2
 PART_NAMES = {PART_FULL: "full attention", PART_WINDOWED: "windowed attention", PART_RECURRENT: "recurrent"}
 
-DTYPE_CODES = {1: np.dtype("<f4"), 2: np.dtype("<f2"), 3: np.dtype("<i8"), 4: np.dtype("<u4")}
+DTYPE_CODES: dict[int, np.dtype[Any]] = {1: np.dtype("<f4"), 2: np.dtype("<f2"), 3: np.dtype("<i8"), 4: np.dtype("<u4")}
 CODE_OF = {dt: code for code, dt in DTYPE_CODES.items()}
 MEMORY_DTYPE_CODES = {"float32": 1, "float16": 2}
 
@@ -145,27 +145,39 @@ def encode(spec: MemorySpec, seq: int | None, sections: list[Section]) -> memory
     total = HEADER.size + sum(_section_size(s) for s in sections) + CHECKSUM.size
     buf = np.empty(total, dtype=np.uint8)
     flags = FLAG_ONE_SEQUENCE if seq is not None else 0
-    HEADER.pack_into(buf, 0, MAGIC, VERSION, flags, MEMORY_DTYPE_CODES[spec.dtype], spec.fingerprint,
-                     total, len(sections), NO_SEQ if seq is None else seq)
+    out = buf.data  # the buffer as a memoryview, for struct and the checksum
+    HEADER.pack_into(
+        out,
+        0,
+        MAGIC,
+        VERSION,
+        flags,
+        MEMORY_DTYPE_CODES[spec.dtype],
+        spec.fingerprint,
+        total,
+        len(sections),
+        NO_SEQ if seq is None else seq,
+    )
     offset = HEADER.size
     for section in sections:
         offset = _write_section(buf, offset, section)
     assert offset == total - CHECKSUM.size
-    CHECKSUM.pack_into(buf, offset, xxhash.xxh3_64_intdigest(buf[:offset]))
-    view = memoryview(buf)
-    return view.toreadonly()
+    CHECKSUM.pack_into(out, offset, xxhash.xxh3_64_intdigest(out[:offset]))
+    return out.toreadonly()
 
 
 def _write_section(buf: np.ndarray, offset: int, section: Section) -> int:
     start = offset
-    SECTION.pack_into(buf, offset, section.kind, section.part, section.layer, len(section.arrays),
-                      _section_size(section))
+    out = buf.data
+    SECTION.pack_into(
+        out, offset, section.kind, section.part, section.layer, len(section.arrays), _section_size(section)
+    )
     offset += SECTION.size
     for a in section.arrays:
         if len(a.shape) > MAX_DIMS:
             raise ValueError(f"snapshot arrays have at most {MAX_DIMS} dimensions, got {a.shape}")
         dims = tuple(a.shape) + (0,) * (MAX_DIMS - len(a.shape))
-        ARRAY.pack_into(buf, offset, CODE_OF[a.dtype], len(a.shape), *dims)
+        ARRAY.pack_into(out, offset, CODE_OF[a.dtype], len(a.shape), *dims)
         offset += ARRAY.size
     buf[offset : offset + _pad(offset - start)] = 0
     offset += _pad(offset - start)
@@ -185,6 +197,7 @@ def decode(data: Any, max_bytes: int | None = None) -> Document:
     """Check and parse a snapshot. SnapshotError subclasses for anything wrong; nothing trusted."""
     try:
         raw = np.frombuffer(data, dtype=np.uint8)
+        mv = raw.data
     except (TypeError, ValueError) as e:
         raise SnapshotCorrupt(f"a snapshot must be bytes-like, got {type(data).__name__}") from e
     n = len(raw)
@@ -194,7 +207,7 @@ def decode(data: Any, max_bytes: int | None = None) -> Document:
         raise SnapshotCorrupt("not a statemesh snapshot (bad magic in the first 8 bytes)")
     if n < HEADER.size + CHECKSUM.size:
         raise SnapshotTruncated(f"snapshot is {n} bytes, shorter than its {HEADER.size}-byte header")
-    _, version, flags, dtype_code, fingerprint, total, n_sections, seq = HEADER.unpack_from(raw, 0)
+    _, version, flags, dtype_code, fingerprint, total, n_sections, seq = HEADER.unpack_from(mv, 0)
     if version != VERSION:
         raise SnapshotVersionError(f"snapshot format version {version}; this reader reads version {VERSION}")
     if n < total:
@@ -202,8 +215,8 @@ def decode(data: Any, max_bytes: int | None = None) -> Document:
     if n > total:
         raise SnapshotCorrupt(f"snapshot has {n - total} bytes after its declared end at {total}")
     body = total - CHECKSUM.size
-    (expected,) = CHECKSUM.unpack_from(raw, body)
-    if xxhash.xxh3_64_intdigest(raw[:body]) != expected:
+    (expected,) = CHECKSUM.unpack_from(mv, body)
+    if xxhash.xxh3_64_intdigest(mv[:body]) != expected:
         raise SnapshotCorrupt("snapshot checksum mismatch: the bytes were changed or damaged")
     if flags & ~FLAG_ONE_SEQUENCE:
         raise SnapshotVersionError(f"snapshot uses unknown flags {flags:#x}")
@@ -228,7 +241,8 @@ def decode(data: Any, max_bytes: int | None = None) -> Document:
 def _read_section(raw: np.ndarray, offset: int, end: int) -> tuple[ReadSection, int]:
     if offset + SECTION.size > end:
         raise SnapshotCorrupt(f"section header at byte {offset} runs past the body end {end}")
-    kind, part, layer, n_arrays, length = SECTION.unpack_from(raw, offset)
+    mv = raw.data
+    kind, part, layer, n_arrays, length = SECTION.unpack_from(mv, offset)
     if SECTION_KINDS.get(kind) != n_arrays or part not in PART_NAMES:
         raise SnapshotCorrupt(f"section at byte {offset}: unknown kind {kind} / part {part} / {n_arrays} arrays")
     if (layer == NO_LAYER) != (kind in (CELL_TABLE, STATE_TABLE)):
@@ -237,9 +251,9 @@ def _read_section(raw: np.ndarray, offset: int, end: int) -> tuple[ReadSection, 
         raise SnapshotCorrupt(f"section at byte {offset} declares length {length} past the body end {end}")
     start, stop = offset, offset + length
     offset += SECTION.size
-    described = []
+    described: list[tuple[np.dtype[Any], tuple[int, ...]]] = []
     for _ in range(n_arrays):
-        code, ndim, *dims = ARRAY.unpack_from(raw, offset)
+        code, ndim, *dims = ARRAY.unpack_from(mv, offset)
         offset += ARRAY.size
         if code not in DTYPE_CODES or not 1 <= ndim <= MAX_DIMS or any(dims[ndim:]):
             raise SnapshotCorrupt(f"array descriptor at byte {offset - ARRAY.size} is malformed")
@@ -254,7 +268,7 @@ def _read_section(raw: np.ndarray, offset: int, end: int) -> tuple[ReadSection, 
         offset += nbytes + _pad(nbytes)
     if offset != stop:
         raise SnapshotCorrupt(f"section at byte {start} declares {length} bytes but holds {offset - start}")
-    return ReadSection(kind, part, layer, arrays, memoryview(raw[start:stop])), stop
+    return ReadSection(kind, part, layer, arrays, mv[start:stop]), stop
 
 
 def check_compatible(doc: Document, spec: MemorySpec) -> None:
@@ -300,11 +314,22 @@ def merge_snapshots(parts: list[Any]) -> bytes:
     total = HEADER.size + sum(len(s.raw) for s in ordered) + CHECKSUM.size
     buf = np.empty(total, dtype=np.uint8)
     flags = FLAG_ONE_SEQUENCE if first.seq is not None else 0
-    HEADER.pack_into(buf, 0, MAGIC, VERSION, flags, MEMORY_DTYPE_CODES[first.dtype], first.fingerprint,
-                     total, len(ordered), NO_SEQ if first.seq is None else first.seq)
+    out = buf.data
+    HEADER.pack_into(
+        out,
+        0,
+        MAGIC,
+        VERSION,
+        flags,
+        MEMORY_DTYPE_CODES[first.dtype],
+        first.fingerprint,
+        total,
+        len(ordered),
+        NO_SEQ if first.seq is None else first.seq,
+    )
     offset = HEADER.size
     for s in ordered:
         buf[offset : offset + len(s.raw)] = np.frombuffer(s.raw, dtype=np.uint8)
         offset += len(s.raw)
-    CHECKSUM.pack_into(buf, offset, xxhash.xxh3_64_intdigest(buf[:offset]))
+    CHECKSUM.pack_into(out, offset, xxhash.xxh3_64_intdigest(out[:offset]))
     return buf.tobytes()

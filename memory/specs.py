@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Union
 
 from statemesh.memory.errors import InvalidInput
 
@@ -87,7 +86,7 @@ class RecurrentSpec:
         return math.prod(self.conv_shape) + math.prod(self.ssm_shape)
 
 
-LayerSpec = Union[AttentionSpec, RecurrentSpec, None]
+LayerSpec = AttentionSpec | RecurrentSpec | None
 
 
 @dataclass(frozen=True)
@@ -105,9 +104,7 @@ class MemorySpec:
         object.__setattr__(self, "layers", tuple(self.layers))
         for i, layer in enumerate(self.layers):
             if layer is not None and not isinstance(layer, (AttentionSpec, RecurrentSpec)):
-                raise InvalidInput(
-                    f"layers[{i}] must be an AttentionSpec, a RecurrentSpec or None, got {layer!r}"
-                )
+                raise InvalidInput(f"layers[{i}] must be an AttentionSpec, a RecurrentSpec or None, got {layer!r}")
         if self.dtype not in DTYPES:
             raise InvalidInput(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
 
@@ -141,9 +138,7 @@ class MemorySpec:
     @property
     def bytes_per_sequence_state(self) -> int:
         """Recurrent state bytes one sequence takes across all recurrent layers."""
-        return self.itemsize * sum(
-            self.recurrent(i).elements_per_sequence for i in self.recurrent_layers
-        )
+        return self.itemsize * sum(self.recurrent(i).elements_per_sequence for i in self.recurrent_layers)
 
     @property
     def fingerprint(self) -> bytes:

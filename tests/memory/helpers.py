@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-
 from statemesh.memory import AttentionSpec, Batch, Memory, MemorySpec, RecurrentSpec, create_memory
 
 H, D = 2, 3  # KV heads and head dim of the test specs
@@ -30,12 +29,15 @@ def hybrid_spec(window: int | None = None) -> MemorySpec:
     return MemorySpec((RecurrentSpec(CONV, SSM), AttentionSpec(H, D, window=window), RecurrentSpec(CONV, SSM), None))
 
 
-def token_rows(layer: int, seq_ids: np.ndarray, positions: np.ndarray, salt: float, shape: tuple[int, ...]) -> np.ndarray:
+def token_rows(
+    layer: int, seq_ids: np.ndarray, positions: np.ndarray, salt: float, shape: tuple[int, ...]
+) -> np.ndarray:
     """Distinct, exactly representable rows for each (layer, seq, position, salt)."""
     base = layer * 1000.0 + seq_ids * 100.0 + positions + salt
-    return np.broadcast_to(base[:, None, None], (len(seq_ids), *shape)).astype(np.float32) + np.arange(
-        np.prod(shape), dtype=np.float32
-    ).reshape(shape) / 8
+    return (
+        np.broadcast_to(base[:, None, None], (len(seq_ids), *shape)).astype(np.float32)
+        + np.arange(np.prod(shape), dtype=np.float32).reshape(shape) / 8
+    )
 
 
 def run_step(mem: Memory, positions: Any, seq_ids: Any, n_ubatch: int = 512, salt: float = 0.0) -> None:
@@ -59,7 +61,9 @@ def store_ubatch(mem: Memory, ub: Any, salt: float) -> None:
             ub.store_state(layer, conv, ssm)
 
 
-def fold(conv: np.ndarray, ssm: np.ndarray, seq_ids: np.ndarray, positions: np.ndarray, seqs: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+def fold(
+    conv: np.ndarray, ssm: np.ndarray, seq_ids: np.ndarray, positions: np.ndarray, seqs: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray]:
     conv, ssm = conv.copy(), ssm.copy()
     for i, s in enumerate(seqs):
         for p in positions[seq_ids == s]:

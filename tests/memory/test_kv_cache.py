@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from statemesh.memory import Batch, KVCache, MemoryFull, create_memory
 
 from .helpers import D, H, attention_spec, observe, run_step, token_rows
@@ -140,7 +139,10 @@ def test_an_exception_after_the_last_micro_batch_undoes_the_whole_batch() -> Non
     mem = kv()
     run_step(mem, [0, 1], [0, 0])
     before = observe(mem)
-    with pytest.raises(RuntimeError, match="model failed"), mem.batch(Batch([2, 3, 4, 0], [0, 0, 0, 1]), n_ubatch=2) as plan:
+    with (
+        pytest.raises(RuntimeError, match="model failed"),
+        mem.batch(Batch([2, 3, 4, 0], [0, 0, 0, 1]), n_ubatch=2) as plan,
+    ):
         for ub in plan:
             for layer in (0, 1):
                 k = np.full((len(ub), H, D), 7, np.float32)
