@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: test test-slow lint bench gpu-check clean
+.PHONY: test test-slow test-thorough lint bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ test: $(VENV)/.installed lint
 
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow
+
+# every property-based test with ten times the examples (a few minutes)
+test-thorough: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow" --hypothesis-profile=thorough tests/memory/test_properties.py tests/memory/test_plan.py
 
 # mypy reads the folders under their import names through a tree of links (the editable install's
 # import hook is invisible to it).

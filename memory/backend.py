@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from statemesh.memory.errors import BackendUnavailable, InvalidInput
 
 Array = Any  # a numpy.ndarray or a cupy.ndarray

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
 from statemesh.memory import snapshot
 from statemesh.memory.backend import Array, Backend
 from statemesh.memory.batch import Batch

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
 from statemesh.memory import snapshot
 from statemesh.memory.backend import Array, Backend, get_backend
 from statemesh.memory.base import Leaf, Loader, Memory
@@ -551,7 +552,15 @@ class _KVTransaction(Transaction):
         c._n_used += len(cells)
         for s in ub.seqs:
             self._touch_seq(s)
-            c._seq[s].append(cells[ub.seq_ids == s])  # positions continue: appending keeps the order
+            new = cells[ub.seq_ids == s]
+            held = c._seq[s]
+            if held.n == 0 or c.pos[held.cells[-1]] < c.pos[new[0]]:
+                held.append(new)  # the usual case: positions continue the sequence
+            else:
+                # A hybrid whose recurrent part was reset may restart below what this part holds:
+                # keep the index sorted by (position, stamp) anyway.
+                merged = np.concatenate([held.cells, new])
+                held.set(merged[np.lexsort((c.stamp[merged], c.pos[merged]))])
         ub.slots[id(c)] = cells
 
     def _let_go_out_of_window(self, ub: MicroBatch) -> None:

@@ -18,6 +18,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
 from statemesh.memory.backend import Array
 from statemesh.memory.batch import Batch
 from statemesh.memory.errors import BatchStateError, InvalidBatch

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
 from statemesh.memory import snapshot
 from statemesh.memory.backend import Array, Backend, get_backend
 from statemesh.memory.base import Leaf, Loader, Memory

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import xxhash
+
 from statemesh.memory.errors import (
     SnapshotCorrupt,
     SnapshotIncompatible,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
 from statemesh.memory import AttentionSpec, Batch, Memory, MemorySpec, RecurrentSpec, create_memory
 
 H, D = 2, 3  # KV heads and head dim of the test specs

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -36,7 +37,9 @@ from .helpers import CONV, KINDS, SSM, D, H, make, observe, run_step
         (lambda: Batch([0], [0], logits=[1]), InvalidBatch, "booleans"),
     ],
 )
-def test_malformed_batches_are_refused_on_construction(make_batch: Callable[[], Batch], error: type, message: str) -> None:
+def test_malformed_batches_are_refused_on_construction(
+    make_batch: Callable[[], Batch], error: type, message: str
+) -> None:
     with pytest.raises(error, match=message):
         make_batch()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from statemesh.memory import Batch, HybridMemory, MemoryFull, create_memory
 
 from .helpers import hybrid_spec, observe, run_step

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from statemesh.memory import Batch, KVCache, MemoryFull, create_memory
 
 from .helpers import D, H, attention_spec, observe, run_step, token_rows

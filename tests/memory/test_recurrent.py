@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from statemesh.memory import Batch, RecurrentMemory, create_memory
 
 from .helpers import CONV, SSM, fold, observe, recurrent_spec, run_step
