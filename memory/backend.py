@@ -54,6 +54,23 @@ class Backend:
         host: np.ndarray = a if self.is_host else self.xp.asnumpy(a)
         return host
 
+    def take_rows(self, arrays: list[Array], cells: np.ndarray) -> list[Array]:
+        """[a[cells] for a in arrays]. On the host the results share one fresh buffer: one
+        allocation instead of several, and large enough for NumPy to back it with huge pages,
+        which matters because page faults, not copying, dominate gathers of a few MB."""
+        if not self.is_host:
+            idx = self.xp.asarray(cells)
+            return [a[idx] for a in arrays]
+        sizes = [len(cells) * int(np.prod(a.shape[1:])) for a in arrays]
+        buf = np.empty(sum(sizes), dtype=arrays[0].dtype)
+        out, start = [], 0
+        for a, size in zip(arrays, sizes, strict=True):
+            rows = buf[start : start + size].reshape(len(cells), *a.shape[1:])
+            np.take(a, cells, axis=0, out=rows)
+            out.append(rows)
+            start += size
+        return out
+
     def gather_to_host(self, src: Array, cells: np.ndarray, out: np.ndarray) -> None:
         """out[i] = src[cells[i]], with `out` a host array; a contiguous run is one block copy."""
         n = len(cells)

@@ -37,6 +37,8 @@ from statemesh.memory.specs import AttentionSpec, MemorySpec
 
 KShift = Callable[[int, Array, Array], Array]  # (layer, k [n, Hkv, D], delta [n]) -> re-rotated k
 
+BLOCK = 16  # cells a sequence grows into before it needs a new block (placement only, not reserved)
+
 
 class _SeqCells:
     """One sequence's cells sorted by (position, stamp), in a buffer that grows by doubling.
@@ -135,6 +137,50 @@ class KVCache(Memory, Leaf):
                 "(free sequences, or make the cache larger)"
             )
         return free
+
+    def _place_rows(self, seq_ids: np.ndarray, seqs: tuple[int, ...]) -> np.ndarray:
+        """Free cells for a micro-batch's rows (row i of the result for seq_ids[i]), placed so
+        each sequence's cells stay close together, as a block table would keep them: first the
+        free cells right after the sequence's last cell, then wholly free blocks of BLOCK cells
+        (which no other sequence has started), then any free cell. Nothing is reserved, so no
+        room is lost; MemoryFull, nothing changed, when there are too few free cells.
+
+        Example, BLOCK=4, two sequences decoding in turns from an empty cache: seq 0 takes cell
+        0 (block 0), seq 1 cell 4 (block 1); next step seq 0 takes 1, seq 1 takes 5, ..."""
+        free = self.pos < 0
+        if int(free.sum()) < len(seq_ids):
+            raise MemoryFull(
+                f"{self._name()} needs {len(seq_ids)} free cells but has {int(free.sum())} of {self.n_cells} "
+                "(free sequences, or make the cache larger)"
+            )
+        n_blocks = self.n_cells // BLOCK
+        block_free = free[: n_blocks * BLOCK].reshape(n_blocks, BLOCK).all(axis=1)
+        cells = np.empty(len(seq_ids), dtype=np.int64)
+        for s in seqs:
+            rows = np.flatnonzero(seq_ids == s)
+            taken = self._continue_after_last(s, free, len(rows))
+            if len(taken) < len(rows):
+                blocks = np.flatnonzero(block_free)[: -(-(len(rows) - len(taken)) // BLOCK)]
+                block_free[blocks] = False
+                fresh = (blocks[:, None] * BLOCK + np.arange(BLOCK)).reshape(-1)
+                taken = np.concatenate([taken, fresh[: len(rows) - len(taken)]])
+            if len(taken) < len(rows):
+                free[taken] = False
+                taken = np.concatenate([taken, np.flatnonzero(free)[: len(rows) - len(taken)]])
+            free[taken] = False
+            block_free[taken[taken < n_blocks * BLOCK] // BLOCK] = False
+            cells[rows] = taken
+        return cells
+
+    def _continue_after_last(self, seq: int, free: np.ndarray, n: int) -> np.ndarray:
+        """Up to n free cells in a row right after seq's last cell."""
+        held = self._seq[seq]
+        if held.n == 0:
+            return np.empty(0, dtype=np.int64)
+        start = int(held.buf[held.n - 1]) + 1
+        run = free[start : start + n]
+        length = len(run) if run.all() else int(np.argmin(run))
+        return np.arange(start, start + length, dtype=np.int64)
 
     def _free_orphans(self, cells: np.ndarray) -> None:
         orphans = cells[~self.owners[cells].any(axis=1)]
@@ -357,8 +403,8 @@ class KVCache(Memory, Leaf):
     def _kv(self, layer: int, seq: int) -> tuple[Array, Array, Array]:
         self._leaf(layer)
         cells = self._cells(seq)
-        idx = self.backend.index(cells)
-        return self._k[layer][idx], self._v[layer][idx], self.backend.asarray(self.pos[cells])
+        k, v = self.backend.take_rows([self._k[layer], self._v[layer]], cells)
+        return k, v, self.backend.asarray(self.pos[cells])
 
     def _kv_batch(self, layer: int, seqs: tuple[int, ...]) -> tuple[Array, Array, Array, Array]:
         self._leaf(layer)
@@ -370,8 +416,9 @@ class KVCache(Memory, Leaf):
             cells = self._cells(s)
             idx[i, : len(cells)] = cells
             pos[i, : len(cells)] = self.pos[cells]
-        k = self._k[layer][self.backend.index(idx)]  # [S, L, Hkv, D]
-        v = self._v[layer][self.backend.index(idx)]  # [S, L, Hkv, Dv]
+        k, v = self.backend.take_rows([self._k[layer], self._v[layer]], idx.reshape(-1))
+        k = k.reshape(len(seqs), width, *k.shape[1:])  # [S*L, Hkv, D] -> [S, L, Hkv, D]
+        v = v.reshape(len(seqs), width, *v.shape[1:])  # [S*L, Hkv, Dv] -> [S, L, Hkv, Dv]
         padding = self.backend.asarray(pos < 0)
         k[padding] = 0
         v[padding] = 0
@@ -540,7 +587,7 @@ class _KVTransaction(Transaction):
         c = self.c
         if c.window is not None:
             self._let_go_out_of_window(ub)
-        cells = c._find_free(len(ub))
+        cells = c._place_rows(ub.seq_ids, ub.seqs)
         if self.held_at_start is not None:
             self._back_up(cells[self.held_at_start[cells]])
         self._touch(cells)

@@ -159,11 +159,14 @@ def encode(spec: MemorySpec, seq: int | None, sections: list[Section]) -> memory
         len(sections),
         NO_SEQ if seq is None else seq,
     )
+    checksum = xxhash.xxh3_64(out[: HEADER.size])
     offset = HEADER.size
     for section in sections:
-        offset = _write_section(buf, offset, section)
+        end = _write_section(buf, offset, section)
+        checksum.update(out[offset:end])  # while the section is still in cache: no second pass
+        offset = end
     assert offset == total - CHECKSUM.size
-    CHECKSUM.pack_into(out, offset, xxhash.xxh3_64_intdigest(out[:offset]))
+    CHECKSUM.pack_into(out, offset, checksum.intdigest())
     return out.toreadonly()
 
 

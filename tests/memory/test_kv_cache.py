@@ -187,3 +187,20 @@ def test_stats_count_cells_sequences_and_bytes() -> None:
     assert stats["bytes"] == 16 * mem.spec.bytes_per_token
     assert stats["device"] == "numpy" and mem.seq_ids() == [0, 3]
     assert mem.can_shift
+
+
+def test_sequences_decoding_in_turns_keep_their_cells_together() -> None:
+    """Placement follows a block table's locality without reserving anything: two sequences
+    decoding in turns each fill their own block of cells."""
+    from statemesh.memory.kv_cache import BLOCK
+
+    mem = kv(n_ctx=4 * BLOCK, n_seq_max=2)
+    for p in range(BLOCK + 2):
+        run_step(mem, [p, p], [0, 1])
+    assert mem._cells(0).tolist() == [*range(BLOCK), 2 * BLOCK, 2 * BLOCK + 1]
+    assert mem._cells(1).tolist() == [*range(BLOCK, 2 * BLOCK), 3 * BLOCK, 3 * BLOCK + 1]
+    # when no whole block is free, any free cell is used: no room is lost to placement
+    run_step(mem, list(range(BLOCK + 2, 2 * BLOCK + 2)), [0] * BLOCK)
+    run_step(mem, list(range(BLOCK + 2, 2 * BLOCK - 2)), [1] * (BLOCK - 4))
+    assert mem.stats()["cells_used"] == mem.n_cells
+    mem.check_integrity()
