@@ -75,7 +75,7 @@ def bench_gather(backend: str, xp: Any, sync: Callable[[], None], n_tokens: int,
         k = xp.ones((512, 3, 64), dtype=xp.float32)
         seq = resident
 
-        def store(mem: Memory = mem, seq: int = seq) -> None:
+        def store(mem: Memory = mem, seq: int = seq, k: Any = k) -> None:
             with mem.batch(Batch(np.arange(512), np.full(512, seq)), n_ubatch=512) as plan:
                 for ub in plan:
                     for layer in mem.layers:
