@@ -154,7 +154,7 @@ class KVCache(Memory, Leaf):
                 "(free sequences, or make the cache larger)"
             )
         n_blocks = self.n_cells // BLOCK
-        block_free: np.ndarray = free[: n_blocks * BLOCK].reshape(n_blocks, BLOCK).all(axis=1)
+        block_free = np.all(free[: n_blocks * BLOCK].reshape(n_blocks, BLOCK), axis=1, keepdims=False).reshape(n_blocks)
         cells = np.empty(len(seq_ids), dtype=np.int64)
         for s in seqs:
             rows = np.flatnonzero(seq_ids == s)
