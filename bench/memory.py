@@ -89,8 +89,8 @@ def bench_gather(backend: str, xp: Any, sync: Callable[[], None], n_tokens: int,
         )  # fmt: skip
 
 
-def bench_seq_cp(backend: str, xp: Any, sync: Callable[[], None], repeat: int) -> None:
-    for n_tokens in (256, 1024, 4096, 16384):
+def bench_seq_cp(backend: str, xp: Any, sync: Callable[[], None], lengths: tuple[int, ...], repeat: int) -> None:
+    for n_tokens in lengths:
         mem = create_memory(SMOLLM2, n_ctx=n_tokens, n_seq_max=2, backend=backend)
         fill(mem, [0], n_tokens, False, xp)
 
@@ -159,7 +159,7 @@ def main() -> None:
 
     n_tokens, repeat = (512, 3) if args.quick else (4096, 9)
     bench_gather(args.backend, xp, sync, n_tokens, repeat)
-    bench_seq_cp(args.backend, xp, sync, repeat)
+    bench_seq_cp(args.backend, xp, sync, (256, 1024) if args.quick else (256, 1024, 4096, 16384), repeat)
     bench_snapshot(args.backend, xp, sync, n_tokens, repeat)
 
 

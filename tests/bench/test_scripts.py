@@ -1,0 +1,31 @@
+"""The benchmark and GPU-check scripts run and print what they promise (smoke runs on NumPy), so they
+cannot rot between the sessions that run them for real."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def run_json_lines(*args: str) -> list[dict[str, object]]:
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, check=True)
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def test_memory_benchmark_prints_every_measurement() -> None:
+    lines = run_json_lines(str(BENCH / "memory.py"), "--quick")
+    names = {str(line["bench"]) for line in lines}
+    assert names == {"kv_gather", "store_kv_batch", "seq_cp", "snapshot"}
+    snapshot = next(line for line in lines if line["bench"] == "snapshot")
+    for key in ("numpy_copy_into_gb_per_s", "write_buffer_gb_per_s", "read_gb_per_s"):
+        assert float(snapshot[key]) > 0  # type: ignore[arg-type]
+
+
+def test_gpu_check_mirror_runs_on_numpy() -> None:
+    lines = run_json_lines(str(BENCH / "gpu_check.py"), "--device", "numpy", "--no-bench", "--steps", "60")
+    assert [line["kind"] for line in lines] == ["kv", "iswa", "recurrent", "hybrid", "hybrid_iswa"]
+    assert all(line["ok"] and int(line["batches_committed"]) > 5 for line in lines)  # type: ignore[call-overload]
