@@ -46,6 +46,7 @@ class Memory(ABC):
     n_seq_max: int
     backend: Backend
     _plan: BatchPlan | None = None
+    _version = 0  # bumped by every change, so a plan made before a change is refused
 
     # ---- sequence operations -------------------------------------------------------------------
 
@@ -137,7 +138,7 @@ class Memory(ABC):
                 dry_run.apply(ub)
         finally:
             dry_run.rollback()
-        return BatchPlan(self, ubatches, n_ubatch)
+        return BatchPlan(self, ubatches, n_ubatch, self._version)
 
     # ---- snapshots -------------------------------------------------------------------------------
 
@@ -159,7 +160,7 @@ class Memory(ABC):
         a single sequence restores it under its own id, or under `seq`, replacing what that id held
         and touching nothing else. SnapshotError (or MemoryFull when the content cannot fit) if it
         cannot be read; the memory is then exactly as it was."""
-        self._check_idle()
+        self._mutate()
         if seq is not None:
             self._check_seq(seq)
         doc = snapshot.decode(data, max_bytes=self.max_snapshot_bytes)
@@ -231,6 +232,11 @@ class Memory(ABC):
         if self._plan is not None:
             raise BatchStateError("a batch is open on this memory: finish its `with` block first")
 
+    def _mutate(self) -> None:
+        """Every change starts here: none while a batch is open, and plans made before it expire."""
+        self._check_idle()
+        self._version += 1
+
     def _open(self, plan: BatchPlan) -> None:
         self._check_idle()
         self._plan = plan
@@ -238,6 +244,7 @@ class Memory(ABC):
     def _close(self, plan: BatchPlan) -> None:
         assert self._plan is plan
         self._plan = None
+        self._version += 1
 
 
 class Leaf(ABC):

@@ -29,33 +29,33 @@ class HybridMemory(Memory):
         self.parts: list[Memory] = [attention, recurrent]
 
     def clear(self) -> None:
-        self._check_idle()
+        self._mutate()
         self.attention.clear()
         self.recurrent.clear()
 
     def seq_rm(self, seq: int | None, p0: int | None = None, p1: int | None = None) -> bool:
         # The recurrent part may refuse (having changed nothing); the attention part never does.
-        self._check_idle()
+        self._mutate()
         return self.recurrent.seq_rm(seq, p0, p1) and self.attention.seq_rm(seq, p0, p1)
 
     def seq_cp(self, src: int, dst: int, p0: int | None = None, p1: int | None = None) -> None:
-        self._check_idle()
+        self._mutate()
         self.attention.seq_cp(src, dst, p0, p1)
         self.recurrent.seq_cp(src, dst, p0, p1)
 
     def seq_keep(self, seq: int) -> None:
-        self._check_idle()
+        self._mutate()
         self.attention.seq_keep(seq)
         self.recurrent.seq_keep(seq)
 
     def seq_add(self, seq: int | None, p0: int | None, p1: int | None, delta: int) -> None:
         # The attention part may raise MemoryFull (copying shared cells) before it changes anything.
-        self._check_idle()
+        self._mutate()
         self.attention.seq_add(seq, p0, p1, delta)
         self.recurrent.seq_add(seq, p0, p1, delta)
 
     def seq_div(self, seq: int | None, p0: int | None, p1: int | None, d: int) -> None:
-        self._check_idle()
+        self._mutate()
         self.attention.seq_div(seq, p0, p1, d)
         self.recurrent.seq_div(seq, p0, p1, d)
 

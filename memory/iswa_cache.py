@@ -55,33 +55,33 @@ class ISWACache(Memory):
         self.parts = [p for p in (self.full, self.windowed) if p is not None]
 
     def clear(self) -> None:
-        self._check_idle()
+        self._mutate()
         for p in self.parts:
             p.clear()
 
     def seq_rm(self, seq: int | None, p0: int | None = None, p1: int | None = None) -> bool:
-        self._check_idle()
+        self._mutate()
         seq = self._check_seq_or_all(seq)
         return all([p.seq_rm(seq, p0, p1) for p in self.parts])  # KV caches never refuse
 
     def seq_cp(self, src: int, dst: int, p0: int | None = None, p1: int | None = None) -> None:
-        self._check_idle()
+        self._mutate()
         for p in self.parts:
             p.seq_cp(src, dst, p0, p1)
 
     def seq_keep(self, seq: int) -> None:
-        self._check_idle()
+        self._mutate()
         for p in self.parts:
             p.seq_keep(seq)
 
     def seq_add(self, seq: int | None, p0: int | None, p1: int | None, delta: int) -> None:
-        self._check_idle()
+        self._mutate()
         self.check_room_to_shift(self._check_seq_or_all(seq), p0, p1)  # ask both, then move both
         for p in self.parts:
             p.seq_add(seq, p0, p1, delta)
 
     def seq_div(self, seq: int | None, p0: int | None, p1: int | None, d: int) -> None:
-        self._check_idle()
+        self._mutate()
         self.check_room_to_shift(self._check_seq_or_all(seq), p0, p1)
         for p in self.parts:
             p.seq_div(seq, p0, p1, d)

@@ -223,7 +223,7 @@ class KVCache(Memory, Leaf):
     # ---- sequence operations -------------------------------------------------------------------
 
     def clear(self) -> None:
-        self._check_idle()
+        self._mutate()
         self.pos[:] = -1
         self.owners[:] = False
         self._n_used = 0
@@ -231,7 +231,7 @@ class KVCache(Memory, Leaf):
             s.set(np.empty(0, dtype=np.int64))
 
     def seq_rm(self, seq: int | None, p0: int | None = None, p1: int | None = None) -> bool:
-        self._check_idle()
+        self._mutate()
         seq = self._check_seq_or_all(seq)
         if seq is None:
             cells = self._in_range(p0, p1)
@@ -251,7 +251,7 @@ class KVCache(Memory, Leaf):
         return True
 
     def seq_cp(self, src: int, dst: int, p0: int | None = None, p1: int | None = None) -> None:
-        self._check_idle()
+        self._mutate()
         src, dst = self._check_seq(src), self._check_seq(dst)
         if src == dst:
             return
@@ -263,7 +263,7 @@ class KVCache(Memory, Leaf):
         self._seq[dst].set(merged[np.lexsort((self.stamp[merged], self.pos[merged]))])
 
     def seq_keep(self, seq: int) -> None:
-        self._check_idle()
+        self._mutate()
         seq = self._check_seq(seq)
         others = np.arange(self.n_seq_max) != seq
         self.owners[:, others] = False
@@ -272,14 +272,14 @@ class KVCache(Memory, Leaf):
             self._seq[s].set(np.empty(0, dtype=np.int64))
 
     def seq_add(self, seq: int | None, p0: int | None, p1: int | None, delta: int) -> None:
-        self._check_idle()
+        self._mutate()
         if not isinstance(delta, (int, np.integer)):
             raise InvalidInput(f"seq_add delta must be an integer, got {delta!r}")
         if delta != 0:
             self._shift(self._check_seq_or_all(seq), p0, p1, lambda p: p + int(delta))
 
     def seq_div(self, seq: int | None, p0: int | None, p1: int | None, d: int) -> None:
-        self._check_idle()
+        self._mutate()
         if not isinstance(d, (int, np.integer)) or d < 1:
             raise InvalidInput(f"seq_div divisor must be an integer >= 1, got {d!r}")
         if d != 1:

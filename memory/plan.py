@@ -153,8 +153,9 @@ class CompositeTransaction(Transaction):
 class BatchPlan:
     """What `Memory.batch` returns: a context manager that yields the micro-batches."""
 
-    def __init__(self, memory: Memory, ubatches: list[MicroBatch], n_ubatch: int):
+    def __init__(self, memory: Memory, ubatches: list[MicroBatch], n_ubatch: int, version: int):
         self._memory = memory
+        self._version = version  # the memory's version when this plan was made
         self._ubatches = ubatches
         self.n_ubatch = n_ubatch
         self._txn: Transaction | None = None
@@ -167,6 +168,8 @@ class BatchPlan:
     def __enter__(self) -> BatchPlan:
         if self._txn is not None or self._iterated:
             raise BatchStateError("a batch plan can be entered once")
+        if self._memory._version != self._version:
+            raise BatchStateError("the memory changed since this batch was planned: plan it again with mem.batch")
         self._memory._open(self)
         self._txn = self._memory._transaction(real=True)
         return self

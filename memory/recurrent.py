@@ -76,7 +76,7 @@ class RecurrentMemory(Memory, Leaf):
         self.pos[seq] = -1
 
     def clear(self) -> None:
-        self._check_idle()
+        self._mutate()
         self.slot_of[:] = -1
         self.pos[:] = -1
         self.refs[:] = 0
@@ -84,7 +84,7 @@ class RecurrentMemory(Memory, Leaf):
     def seq_rm(self, seq: int | None, p0: int | None = None, p1: int | None = None) -> bool:
         """With L the last position: drop all when p0 is None or <= 0 and p1 is None or > L; keep
         all when p0 > L; anything else (a part of the state, p0 == L included) is refused."""
-        self._check_idle()
+        self._mutate()
         targets = self._targets(self._check_seq_or_all(seq))
         drop = []
         for s in targets:
@@ -100,7 +100,7 @@ class RecurrentMemory(Memory, Leaf):
         return True
 
     def seq_cp(self, src: int, dst: int, p0: int | None = None, p1: int | None = None) -> None:
-        self._check_idle()
+        self._mutate()
         src, dst = self._check_seq(src), self._check_seq(dst)
         if src == dst:
             return
@@ -111,20 +111,20 @@ class RecurrentMemory(Memory, Leaf):
             self.pos[dst] = self.pos[src]
 
     def seq_keep(self, seq: int) -> None:
-        self._check_idle()
+        self._mutate()
         seq = self._check_seq(seq)
         for s in self.seq_ids():
             if s != seq:
                 self._release(s)
 
     def seq_add(self, seq: int | None, p0: int | None, p1: int | None, delta: int) -> None:
-        self._check_idle()
+        self._mutate()
         if not isinstance(delta, (int, np.integer)):
             raise InvalidInput(f"seq_add delta must be an integer, got {delta!r}")
         self._move(self._check_seq_or_all(seq), p0, p1, lambda p: p + int(delta))
 
     def seq_div(self, seq: int | None, p0: int | None, p1: int | None, d: int) -> None:
-        self._check_idle()
+        self._mutate()
         if not isinstance(d, (int, np.integer)) or d < 1:
             raise InvalidInput(f"seq_div divisor must be an integer >= 1, got {d!r}")
         self._move(self._check_seq_or_all(seq), p0, p1, lambda p: p // int(d))

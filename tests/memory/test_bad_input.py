@@ -193,3 +193,15 @@ def test_specs_validate_their_fields() -> None:
         MemorySpec((AttentionSpec(1, 4),), dtype="int8")
     with pytest.raises(InvalidInput, match=r"layers\[1\]"):
         MemorySpec((AttentionSpec(1, 4), "attention"))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_plan_made_before_a_change_is_refused(kind: str) -> None:
+    mem = make(kind)
+    run_step(mem, [0, 1], [0, 0])
+    plan = mem.batch(Batch([2], [0]))
+    mem.seq_rm(0)  # the plan's positions no longer continue sequence 0
+    before = observe(mem)
+    with pytest.raises(BatchStateError, match="changed since this batch was planned"), plan:
+        pass
+    assert observe(mem) == before
