@@ -458,24 +458,12 @@ class KVCache(Memory, Leaf):
                 snapshot.ArraySource.of(owner_ids.astype("<u4")),
             ],
         )
-        return [table] + [self._layer_section(layer, cells) for layer in self.layers]
-
-    def _layer_section(self, layer: int, cells: np.ndarray) -> snapshot.Section:
-        dtype = np.dtype(self.spec.dtype).newbyteorder("<")
-        k, v = self._k[layer], self._v[layer]
-        return snapshot.Section(
-            snapshot.ATTENTION_LAYER,
-            self.part,
-            layer,
-            [
-                snapshot.ArraySource(
-                    (len(cells), *k.shape[1:]), dtype, lambda out: self.backend.gather_to_host(k, cells, out)
-                ),
-                snapshot.ArraySource(
-                    (len(cells), *v.shape[1:]), dtype, lambda out: self.backend.gather_to_host(v, cells, out)
-                ),
-            ],
-        )
+        return [table] + [
+            snapshot.layer_section(
+                snapshot.ATTENTION_LAYER, self.part, layer, [self._k[layer], self._v[layer]], cells, self.backend
+            )
+            for layer in self.layers
+        ]
 
     def _snapshot_prepare(self, doc: snapshot.Document, seq: int | None) -> list[Loader]:
         pos, owner_seqs, rows = self._read_table(doc)

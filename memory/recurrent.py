@@ -256,24 +256,17 @@ class RecurrentMemory(Memory, Leaf):
                 snapshot.ArraySource.of(renumber[index].astype("<u4")),
             ],
         )
-        return [table] + [self._layer_section(layer, slots) for layer in self.layers]
-
-    def _layer_section(self, layer: int, slots: np.ndarray) -> snapshot.Section:
-        dtype = np.dtype(self.spec.dtype).newbyteorder("<")
-        conv, ssm = self._conv[layer], self._ssm[layer]
-        return snapshot.Section(
-            snapshot.RECURRENT_LAYER,
-            snapshot.PART_RECURRENT,
-            layer,
-            [
-                snapshot.ArraySource(
-                    (len(slots), *conv.shape[1:]), dtype, lambda out: self.backend.gather_to_host(conv, slots, out)
-                ),
-                snapshot.ArraySource(
-                    (len(slots), *ssm.shape[1:]), dtype, lambda out: self.backend.gather_to_host(ssm, slots, out)
-                ),
-            ],
-        )
+        return [table] + [
+            snapshot.layer_section(
+                snapshot.RECURRENT_LAYER,
+                snapshot.PART_RECURRENT,
+                layer,
+                [self._conv[layer], self._ssm[layer]],
+                slots,
+                self.backend,
+            )
+            for layer in self.layers
+        ]
 
     def _snapshot_prepare(self, doc: snapshot.Document, seq: int | None) -> list[Loader]:
         table = doc.table(snapshot.STATE_TABLE, snapshot.PART_RECURRENT)

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
+from statemesh.memory.backend import Backend
 from statemesh.memory.errors import (
     SnapshotCorrupt,
     SnapshotIncompatible,
@@ -87,6 +88,17 @@ class Section:
     part: int
     layer: int  # NO_LAYER for tables
     arrays: list[ArraySource]
+
+
+def layer_section(kind: int, part: int, layer: int, arrays: list[Any], rows: np.ndarray, backend: Backend) -> Section:
+    """A layer section holding `array[rows]` of each (device) array, gathered straight into the
+    snapshot buffer when it is written."""
+
+    def source(array: Any) -> ArraySource:
+        dtype = np.dtype(array.dtype).newbyteorder("<")
+        return ArraySource((len(rows), *array.shape[1:]), dtype, lambda out: backend.gather_to_host(array, rows, out))
+
+    return Section(kind, part, layer, [source(a) for a in arrays])
 
 
 @dataclass(frozen=True)
