@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +41,7 @@ ALIGN = 64
 NO_SEQ = 0xFFFFFFFF
 NO_LAYER = 0xFFFFFFFF
 MAX_DIMS = 6
+PARALLEL_CHECKSUM_BYTES = 8 << 20  # below this, a thread costs more than it hides
 
 HEADER = struct.Struct("<8sHHB3x16sQII16x")  # 64 bytes
 SECTION = struct.Struct("<IIIIQ8x")  # 32 bytes: kind, part, layer, n_arrays, length
@@ -172,11 +175,17 @@ def encode(spec: MemorySpec, seq: int | None, sections: list[Section]) -> memory
         NO_SEQ if seq is None else seq,
     )
     checksum = xxhash.xxh3_64(out[: HEADER.size])
-    offset = HEADER.size
-    for section in sections:
-        end = _write_section(buf, offset, section)
-        checksum.update(out[offset:end])  # while the section is still in cache: no second pass
-        offset = end
+    # Large snapshots hash each section on a second thread (xxhash releases the GIL) while the next
+    # one is copied; one worker runs the updates in order, so the digest is the one-pass digest.
+    with ThreadPoolExecutor(max_workers=1) if total >= PARALLEL_CHECKSUM_BYTES else nullcontext() as pool:
+        offset = HEADER.size
+        for section in sections:
+            end = _write_section(buf, offset, section)
+            if pool is None:
+                checksum.update(out[offset:end])
+            else:
+                pool.submit(checksum.update, out[offset:end])
+            offset = end
     assert offset == total - CHECKSUM.size
     CHECKSUM.pack_into(out, offset, checksum.intdigest())
     return out.toreadonly()
