@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -39,8 +40,15 @@ def median_seconds(fn: Callable[[], Any], repeat: int, sync: Callable[[], None])
     return statistics.median(times)
 
 
+def allocator() -> str:
+    """Whether glibc's malloc was tuned to keep freed memory (see `make bench`): fresh multi-MB
+    buffers otherwise page-fault on every call, which dominates gathers and snapshot writes."""
+    tuned = [k for k in ("MALLOC_TOP_PAD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_") if k in os.environ]
+    return "glibc-tuned" if tuned else "glibc-default"
+
+
 def emit(**fields: Any) -> None:
-    print(json.dumps(fields), flush=True)
+    print(json.dumps({**fields, "allocator": allocator()}), flush=True)
 
 
 def fill(mem: Memory, seqs: list[int], n_tokens: int, interleaved: bool, xp: Any) -> None:
