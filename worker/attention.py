@@ -40,11 +40,13 @@ def attend(
         scores *= xp.float32(scale)
         if softcap is not None:
             scores = xp.tanh(scores / xp.float32(softcap)) * xp.float32(softcap)
-        query_pos = xp.asarray(ub.positions[rows])[:, None]  # [T, 1]
-        visible = key_pos[None, :] <= query_pos  # [T, L]
-        if window is not None:
-            visible &= key_pos[None, :] > query_pos - window
-        scores = xp.where(visible, scores, xp.float32(-np.inf))
+        first, last = int(ub.positions[rows].min()), int(ub.positions[rows].max())
+        if window is not None or int(key_pos.max()) > first:  # else every query sees every key
+            query_pos = xp.asarray(ub.positions[rows])[:, None]  # [T, 1]
+            visible = key_pos[None, :] <= query_pos  # [T, L]
+            if window is not None and int(key_pos.min()) <= last - window:
+                visible &= key_pos[None, :] > query_pos - window
+            scores = xp.where(visible, scores, xp.float32(-np.inf))
         scores -= scores.max(axis=-1, keepdims=True)
         probs = xp.exp(scores)
         probs /= probs.sum(axis=-1, keepdims=True)

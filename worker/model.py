@@ -61,8 +61,13 @@ class Model(ABC):
     def embed(self, tokens: np.ndarray) -> Any:
         """token ids [n] -> hidden [n, hidden_size]"""
 
+    def prepare(self, ub: MicroBatch) -> Any:
+        """What every layer of this micro-batch shares (e.g. RoPE tables), computed once per
+        micro-batch and handed to `block`; None by default."""
+        return None
+
     @abstractmethod
-    def block(self, layer: int, x: Any, ub: MicroBatch) -> Any:
+    def block(self, layer: int, x: Any, ub: MicroBatch, shared: Any) -> Any:
         """One layer over the micro-batch's rows: hidden [n, E] -> hidden [n, E]."""
 
     @abstractmethod
@@ -100,8 +105,9 @@ class Shard:
         with mem.batch(batch, n_ubatch=n_ubatch) as plan:
             for ub in plan:
                 x = model.embed(tokens[ub.rows]) if self.is_first else hidden[ub.rows]
+                shared = model.prepare(ub)
                 for layer in range(self.first, self.end):
-                    x = model.block(layer, x, ub)
+                    x = model.block(layer, x, ub, shared)
                 if not self.is_last:
                     if out is None:
                         out = xp.empty((batch.n_tokens, x.shape[1]), dtype=x.dtype)

@@ -30,23 +30,19 @@ from statemesh.worker.tokenizer import Tokenizer
 @dataclass(frozen=True)
 class LlamaLayer:
     attn_norm: Any  # [E]
-    wq: Any  # [E, H*D]   (transposed from the checkpoint's [out, in], so h @ w)
-    wk: Any  # [E, Hkv*D]
-    wv: Any  # [E, Hkv*D]
-    bq: Any | None  # [H*D] (Qwen2)
-    bk: Any | None
-    bv: Any | None
+    w_qkv: Any  # [E, (H + 2*Hkv)*D]: q, k and v projections side by side (one matmul, not three)
+    b_qkv: Any | None  # [(H + 2*Hkv)*D] (Qwen2)
     wo: Any  # [H*D, E]
     mlp_norm: Any  # [E]
-    w_gate: Any  # [E, F]
-    w_up: Any  # [E, F]
+    w_gate_up: Any  # [E, 2F]: gate and up side by side
     w_down: Any  # [F, E]
 
 
 def rms_norm(x: Any, w: Any, eps: float) -> Any:
-    """x / sqrt(mean(x^2) + eps) * w over the last axis, in float32."""
+    """x / sqrt(mean(x^2) + eps) * w over the last axis of x [n, E], in float32."""
     xp = np if isinstance(x, np.ndarray) else __import__("cupy")
-    return x / xp.sqrt((x * x).mean(axis=-1, keepdims=True) + xp.float32(eps)) * w
+    mean_square = xp.einsum("ne,ne->n", x, x) / xp.float32(x.shape[-1])  # [n]
+    return x * (xp.float32(1) / xp.sqrt(mean_square + xp.float32(eps)))[:, None] * w
 
 
 def silu(x: Any) -> Any:
@@ -61,34 +57,35 @@ class LlamaModel(Model):
         self.backend = backend
         weights = _Weights(tensors, backend)
         c = config
-        self.embedding = weights.take("model.embed_tokens.weight", (c.vocab_size, c.hidden_size))  # [V, E]
-        self.final_norm = weights.take("model.norm.weight", (c.hidden_size,))
-        if c.tie_word_embeddings or "lm_head.weight" not in tensors:
-            self.lm_head_t = self.embedding.T  # [E, V], a view: tied embeddings
-        else:
-            self.lm_head_t = weights.take("lm_head.weight", (c.vocab_size, c.hidden_size), transpose=True)
+        embedding = weights.get("model.embed_tokens.weight", (c.vocab_size, c.hidden_size))  # [V, E]
+        self.embedding = weights.put(embedding)
+        self.final_norm = weights.put(weights.get("model.norm.weight", (c.hidden_size,)))
+        tied = c.tie_word_embeddings or "lm_head.weight" not in tensors
+        lm_head = embedding if tied else weights.get("lm_head.weight", (c.vocab_size, c.hidden_size))
+        self.lm_head_t = weights.put(lm_head.T)  # [E, V], its own contiguous copy: a faster matvec
         self.layers = [self._layer(weights, i) for i in range(c.n_layers)]
         self.rope = Rope.build(c.head_dim, c.rope_theta, c.rope_scaling)
         self.scale = c.head_dim**-0.5
 
     def _layer(self, w: _Weights, i: int) -> LlamaLayer:
+        """Checkpoint tensors are [out, in]; stored here as [in, out] (so `h @ w`), with the q/k/v
+        and gate/up projections concatenated along out: single-row decode streams each weight
+        once, and fewer, larger matmuls use the memory bandwidth better."""
         c = self.config
         p = f"model.layers.{i}."
-        q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-        bias = c.attention_bias
+        q_dim, kv_dim, e, f = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.hidden_size, c.intermediate_size
+        qkv = [("q", q_dim), ("k", kv_dim), ("v", kv_dim)]
+        w_qkv = [w.get(p + f"self_attn.{n}_proj.weight", (d, e)) for n, d in qkv]
+        b_qkv = [w.get(p + f"self_attn.{n}_proj.bias", (d,)) for n, d in qkv] if c.attention_bias else None
+        gate_up = [w.get(p + f"mlp.{n}_proj.weight", (f, e)) for n in ("gate", "up")]
         return LlamaLayer(
-            attn_norm=w.take(p + "input_layernorm.weight", (c.hidden_size,)),
-            wq=w.take(p + "self_attn.q_proj.weight", (q_dim, c.hidden_size), transpose=True),
-            wk=w.take(p + "self_attn.k_proj.weight", (kv_dim, c.hidden_size), transpose=True),
-            wv=w.take(p + "self_attn.v_proj.weight", (kv_dim, c.hidden_size), transpose=True),
-            bq=w.take(p + "self_attn.q_proj.bias", (q_dim,)) if bias else None,
-            bk=w.take(p + "self_attn.k_proj.bias", (kv_dim,)) if bias else None,
-            bv=w.take(p + "self_attn.v_proj.bias", (kv_dim,)) if bias else None,
-            wo=w.take(p + "self_attn.o_proj.weight", (c.hidden_size, q_dim), transpose=True),
-            mlp_norm=w.take(p + "post_attention_layernorm.weight", (c.hidden_size,)),
-            w_gate=w.take(p + "mlp.gate_proj.weight", (c.intermediate_size, c.hidden_size), transpose=True),
-            w_up=w.take(p + "mlp.up_proj.weight", (c.intermediate_size, c.hidden_size), transpose=True),
-            w_down=w.take(p + "mlp.down_proj.weight", (c.hidden_size, c.intermediate_size), transpose=True),
+            attn_norm=w.put(w.get(p + "input_layernorm.weight", (e,))),
+            w_qkv=w.put(np.concatenate(w_qkv).T),
+            b_qkv=None if b_qkv is None else w.put(np.concatenate(b_qkv)),
+            wo=w.put(w.get(p + "self_attn.o_proj.weight", (e, q_dim)).T),
+            mlp_norm=w.put(w.get(p + "post_attention_layernorm.weight", (e,))),
+            w_gate_up=w.put(np.concatenate(gate_up).T),
+            w_down=w.put(w.get(p + "mlp.down_proj.weight", (e, f)).T),
         )
 
     def memory_spec(self) -> MemorySpec:
@@ -102,23 +99,28 @@ class LlamaModel(Model):
     def embed(self, tokens: np.ndarray) -> Any:
         return self.embedding[self.backend.index(tokens)]  # [n] -> [n, E]
 
-    def block(self, layer: int, x: Any, ub: MicroBatch) -> Any:
+    def prepare(self, ub: MicroBatch) -> tuple[Any, Any]:
+        return self.rope.cos_sin(ub.positions, self.backend.xp)  # the same for every layer
+
+    def block(self, layer: int, x: Any, ub: MicroBatch, shared: Any) -> Any:
         c, w = self.config, self.layers[layer]
-        n = x.shape[0]
+        n, q_dim, kv_dim = x.shape[0], c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
         h = rms_norm(x, w.attn_norm, c.rms_norm_eps)
-        q = h @ w.wq  # [n, E] @ [E, H*D] -> [n, H*D]
-        k = h @ w.wk  # [n, E] @ [E, Hkv*D] -> [n, Hkv*D]
-        v = h @ w.wv
-        if w.bq is not None:
-            q, k, v = q + w.bq, k + w.bk, v + w.bv
-        cos, sin = self.rope.cos_sin(ub.positions, self.backend.xp)
-        q = self.rope.apply(q.reshape(n, c.n_heads, c.head_dim), cos, sin)  # [n, H, D]
-        k = self.rope.apply(k.reshape(n, c.n_kv_heads, c.head_dim), cos, sin)  # [n, Hkv, D]
-        ub.store_kv(layer, k, v.reshape(n, c.n_kv_heads, c.head_dim))
+        qkv = h @ w.w_qkv  # [n, E] @ [E, (H+2Hkv)*D] -> [n, (H+2Hkv)*D]
+        if w.b_qkv is not None:
+            qkv += w.b_qkv
+        q = qkv[:, :q_dim].reshape(n, c.n_heads, c.head_dim)  # [n, H, D]
+        k = qkv[:, q_dim : q_dim + kv_dim].reshape(n, c.n_kv_heads, c.head_dim)  # [n, Hkv, D]
+        v = qkv[:, q_dim + kv_dim :].reshape(n, c.n_kv_heads, c.head_dim)  # [n, Hkv, D]
+        cos, sin = shared
+        q, k = self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin)
+        ub.store_kv(layer, k, v)
         o = attend(q, ub, layer, self.scale, window=c.sliding_window)  # [n, H, D]
         x = x + o.reshape(n, -1) @ w.wo  # [n, H*D] @ [H*D, E] -> [n, E]
         h = rms_norm(x, w.mlp_norm, c.rms_norm_eps)
-        x = x + (silu(h @ w.w_gate) * (h @ w.w_up)) @ w.w_down  # [n, F] @ [F, E] -> [n, E]
+        gate_up = h @ w.w_gate_up  # [n, E] @ [E, 2F] -> [n, 2F]
+        f = c.intermediate_size
+        x = x + (silu(gate_up[:, :f]) * gate_up[:, f:]) @ w.w_down  # [n, F] @ [F, E] -> [n, E]
         return x
 
     def head(self, x: Any) -> Any:
@@ -126,16 +128,18 @@ class LlamaModel(Model):
 
 
 class _Weights:
-    """Checkpoint tensors by name, checked against the config's shapes and put on the backend."""
+    """Checkpoint tensors by name, checked against the config's shapes, then put on the backend."""
 
     def __init__(self, tensors: dict[str, np.ndarray], backend: Backend):
         self.tensors, self.backend = tensors, backend
 
-    def take(self, name: str, shape: tuple[int, ...], transpose: bool = False) -> Any:
+    def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         if name not in self.tensors:
             raise MissingTensor(f"the checkpoint has no tensor {name!r}")
         t = self.tensors[name]
         if t.shape != shape:
             raise ShapeMismatch(f"tensor {name!r} has shape {t.shape}; the config implies {shape}")
-        t = np.ascontiguousarray(t.T if transpose else t, dtype=np.float32)
-        return self.backend.asarray(t)
+        return t
+
+    def put(self, t: np.ndarray) -> Any:
+        return self.backend.asarray(np.ascontiguousarray(t, dtype=np.float32))

@@ -1,0 +1,124 @@
+"""Model benchmark on the CPU: one JSON object per line.
+
+    python bench/engine.py [--model PATH] [--prompt-tokens 512] [--decode-tokens 128] [--repeat 3]
+
+For the default model (SmolLM2-135M-Instruct, float32 weights): prefill tokens/s of a 512-token
+prompt, single-stream greedy decode tokens/s over 128 tokens, and peak RSS. Issue 3's references,
+measured on this kind of machine (2 cores): llama.cpp on the Q4_1 file 184 prefill / 90 decode
+tokens/s (200 / 100 with flash attention); targets: prefill >= 2x and decode >= 0.4x llama.cpp's best.
+Single-stream decode is bound by streaming the float32 weights once per token: the bound printed is
+weight bytes / the matrix-vector bandwidth measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+
+from statemesh.memory import Batch
+from statemesh.worker import Model, default_model_path, load_model
+
+LLAMA_CPP_BEST = {"prefill_tokens_per_s": 200.0, "decode_tokens_per_s": 100.0}
+
+
+def emit(**fields: Any) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+def prompt_tokens(model: Model, n: int) -> list[int]:
+    text = "The history of Paris spans more than two thousand years of kings, revolutions and art. " * 64
+    ids = model.tokenizer.encode(text)
+    assert len(ids) >= n, f"the benchmark text makes {len(ids)} tokens, fewer than {n}"
+    return ids[:n]
+
+
+def bench_prefill(model: Model, ids: list[int], repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        mem = model.create_memory(n_ctx=len(ids) + 8, n_seq_max=1)
+        flags = [False] * (len(ids) - 1) + [True]
+        start = time.perf_counter()
+        model.decode(mem, Batch(list(range(len(ids))), [0] * len(ids), tokens=ids, logits=flags))
+        times.append(time.perf_counter() - start)
+    return len(ids) / statistics.median(times)
+
+
+def bench_decode(model: Model, ids: list[int], n_new: int, repeat: int) -> float:
+    rates = []
+    for _ in range(repeat):
+        mem = model.create_memory(n_ctx=len(ids) + n_new + 8, n_seq_max=1)
+        flags = [False] * (len(ids) - 1) + [True]
+        logits = model.decode(mem, Batch(list(range(len(ids))), [0] * len(ids), tokens=ids, logits=flags))
+        pos, token = len(ids), int(np.argmax(logits[-1]))
+        start = time.perf_counter()
+        for _ in range(n_new):
+            logits = model.decode(mem, Batch([pos], [0], tokens=[token]))
+            pos, token = pos + 1, int(np.argmax(logits[-1]))
+        rates.append(n_new / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def matvec_bandwidth() -> float:
+    """GB/s of a float32 matrix-vector product over a matrix much larger than the caches."""
+    w = np.ones((8192, 8192), dtype=np.float32)
+    x = np.ones(8192, dtype=np.float32)
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        x @ w
+        times.append(time.perf_counter() - start)
+    return w.nbytes / min(times) / 1e9
+
+
+def weight_bytes(model: Model) -> tuple[int, int]:
+    """(all weight bytes, the bytes one decode step streams: all but the embedding table, of which
+    a step reads one row)."""
+    arrays: list[np.ndarray] = []
+    for value in vars(model).values():
+        for item in value if isinstance(value, list) else [value]:
+            fields = vars(item).values() if hasattr(item, "__dataclass_fields__") else [item]
+            arrays += [a for a in fields if isinstance(a, np.ndarray)]
+    total = sum(a.nbytes for a in arrays)
+    embedding = getattr(model, "embedding", None)
+    return total, total - (embedding.nbytes if isinstance(embedding, np.ndarray) else 0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="a GGUF file or Hugging Face folder (default: SmolLM2)")
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--decode-tokens", type=int, default=128)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    start = time.perf_counter()
+    model = load_model(args.model or default_model_path(), backend="numpy", progress=False)
+    load_s = time.perf_counter() - start
+    ids = prompt_tokens(model, args.prompt_tokens)
+    bench_prefill(model, ids[:32], 1)  # warm up
+    prefill = bench_prefill(model, ids, args.repeat)
+    decode = bench_decode(model, ids[:16], args.decode_tokens, args.repeat)
+    bandwidth = matvec_bandwidth()
+    nbytes, streamed = weight_bytes(model)
+    threads = os.environ.get("OMP_NUM_THREADS") or os.environ.get("OPENBLAS_NUM_THREADS") or "default"
+    common = {"model": model.config.name, "backend": "numpy", "cpus": os.cpu_count(), "blas_threads": threads}
+    emit(bench="load", seconds=load_s, weight_bytes=nbytes, **common)
+    emit(bench="prefill", prompt_tokens=len(ids), tokens_per_s=prefill,
+         vs_llama_cpp_best=prefill / LLAMA_CPP_BEST["prefill_tokens_per_s"], target=2.0, **common)  # fmt: skip
+    emit(bench="decode", new_tokens=args.decode_tokens, tokens_per_s=decode,
+         vs_llama_cpp_best=decode / LLAMA_CPP_BEST["decode_tokens_per_s"], target=0.4,
+         bytes_streamed_per_token=streamed, matvec_gb_per_s=bandwidth,
+         bandwidth_bound_tokens_per_s=bandwidth * 1e9 / streamed,
+         of_bound=decode / (bandwidth * 1e9 / streamed), **common)  # fmt: skip
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    emit(bench="memory", peak_rss_mb=peak_kib / 1024, **common)
+
+
+if __name__ == "__main__":
+    main()
