@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: test test-slow test-thorough lint bench gpu-check clean
+.PHONY: test test-slow test-thorough lint bench bench-engine fixtures gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,16 @@ TUNED_MALLOC := MALLOC_TOP_PAD_=268435456 MALLOC_TRIM_THRESHOLD_=4294967296 MALL
 bench: $(VENV)/.installed
 	$(PY) bench/memory.py
 	$(TUNED_MALLOC) $(PY) bench/memory.py
+
+bench-engine: $(VENV)/.installed
+	$(PY) bench/engine.py
+
+# Rebuild the reference fixtures (tests/fixtures/) with Hugging Face transformers; a developer tool:
+# torch and transformers live in their own venv, never in the test environment.
+fixtures:
+	test -x .venv-tools/bin/python || $(PYTHON) -m venv .venv-tools
+	.venv-tools/bin/pip install -q torch==2.13.0 transformers safetensors tokenizers numpy
+	.venv-tools/bin/python tools/make_fixtures.py
 
 gpu-check: $(VENV)/.installed
 	$(PIP) install -q -e '.[test,gpu]'

@@ -23,9 +23,7 @@ def read_hf_folder(path: Path, progress: bool | None = None) -> tuple[ModelConfi
         raise ModelError(f"{path} has no config.json: a Hugging Face model folder needs one")
     raw = _json(config_file)
     config = config_from_hf(raw, name=str(raw.get("_name_or_path") or path.name))
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise ModelError(f"{path} has no *.safetensors weights")
+    files = _weight_files(path)
     bar = Progress(f"loading {path.name}", len(files), enabled=progress)
     tensors: dict[str, np.ndarray] = {}
     for f in files:
@@ -37,6 +35,22 @@ def read_hf_folder(path: Path, progress: bool | None = None) -> tuple[ModelConfi
         raise ModelError(f"{path} has no tokenizer.json")
     tokenizer_config = _json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
     return config, tensors, tokenizer_from_hf(str(tokenizer_json), raw, tokenizer_config)
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """The files `model.safetensors.index.json` lists, else `model.safetensors` or its shards
+    (`model-00001-of-00002.safetensors`, ...)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(_json(index).get("weight_map", {}).values()))
+        missing = [n for n in names if not (path / n).is_file()]
+        if missing:
+            raise ModelError(f"{index.name} lists weight files that are missing: {missing}")
+        return [path / n for n in names]
+    files = sorted(path.glob("model*.safetensors"))
+    if not files:
+        raise ModelError(f"{path} has no model*.safetensors weights")
+    return files
 
 
 def _json(path: Path) -> dict[str, Any]:

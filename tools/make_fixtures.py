@@ -1,0 +1,131 @@
+"""Build the reference fixtures: tiny seeded models in Hugging Face transformers, and what they compute.
+
+A developer tool, not a test dependency: it needs torch and transformers (`make fixtures` installs
+them in `.venv-tools`: `pip install torch==2.13.0 transformers`, the CPU build on disk). Its outputs
+are committed under tests/fixtures/<name>/: the model folder (config.json, model.safetensors,
+tokenizer.json) and expected.safetensors with
+    prompt_ids [T] int64, prompt_logits [T, V] float32,
+    greedy_ids [16] int64, greedy_logits [16, V] float32 (the logits each greedy token was taken from).
+The continuation is computed by full forwards without a cache, so reference cache bugs cannot leak in.
+
+    .venv-tools/bin/python tools/make_fixtures.py [--only NAME ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.numpy import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+ROOT = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
+CORPUS = (
+    "The capital of France is Paris. Paris is the capital and most populous city of France. "
+    "Mamba is a state space model; Jamba mixes attention and Mamba layers. Gemma uses sliding windows. "
+    "0123456789 The quick brown fox jumps over the lazy dog. Le café est très bon à Paris!"
+) * 4
+PROMPT = "The capital of France is Paris, and the capital of Italy is"
+VOCAB = 384
+GREEDY_STEPS = 16
+
+
+def tiny_tokenizer(folder: Path) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator([CORPUS], trainer=trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    return tok
+
+
+def llama_family(kind: str) -> Any:
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, eos_token_id=0, bos_token_id=0,
+        initializer_range=0.2,
+    )  # fmt: skip
+    if kind == "llama":
+        return LlamaConfig(**common, rope_theta=10000.0, tie_word_embeddings=False)
+    if kind == "llama_tied":
+        return LlamaConfig(**common, rope_theta=500000.0, tie_word_embeddings=True, head_dim=32)
+    if kind == "qwen2":
+        return Qwen2Config(**common, rope_theta=1000000.0, tie_word_embeddings=True)
+    if kind == "mistral":
+        return MistralConfig(**common, rope_theta=10000.0, sliding_window=5, tie_word_embeddings=False)
+    raise ValueError(kind)
+
+
+FIXTURES = {"llama": llama_family, "llama_tied": llama_family, "qwen2": llama_family, "mistral": llama_family}
+
+
+def build(name: str, seed: int) -> None:
+    from transformers import AutoModelForCausalLM
+
+    folder = ROOT / name
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    tok = tiny_tokenizer(folder)
+    config = FIXTURES[name](name)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():  # bias-free random models give near-uniform logits: spread the biases
+        for pname, p in model.named_parameters():
+            if pname.endswith(".bias"):
+                p.normal_(0.0, 0.2)
+    model.save_pretrained(folder, safe_serialization=True)
+    ids = tok.encode(PROMPT).ids
+    expected = reference_run(model, ids)
+    save_file(expected, str(folder / "expected.safetensors"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    margin = min_margin(expected["greedy_logits"])
+    summary = {"fixture": name, "seed": seed, "prompt_tokens": len(ids), "min_top2_margin": margin}
+    print(json.dumps({**summary, "greedy": expected["greedy_ids"].tolist()}))
+
+
+def reference_run(model: Any, ids: list[int]) -> dict[str, np.ndarray]:
+    with torch.no_grad():
+        prompt_logits = model(torch.tensor([ids])).logits[0].float().numpy()
+        seq, greedy, steps = list(ids), [], []
+        logits = prompt_logits[-1]
+        for _ in range(GREEDY_STEPS):
+            steps.append(logits)
+            greedy.append(int(np.argmax(logits)))
+            seq.append(greedy[-1])
+            logits = model(torch.tensor([seq])).logits[0, -1].float().numpy()
+    return {
+        "prompt_ids": np.array(ids, dtype=np.int64),
+        "prompt_logits": prompt_logits.astype(np.float32),
+        "greedy_ids": np.array(greedy, dtype=np.int64),
+        "greedy_logits": np.stack(steps).astype(np.float32),
+    }
+
+
+def min_margin(logits: np.ndarray) -> float:
+    top2 = np.sort(logits, axis=-1)[:, -2:]
+    return float((top2[:, 1] - top2[:, 0]).min())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="*", default=list(FIXTURES))
+    parser.add_argument("--seed", type=int, default=1234)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    for name in args.only:
+        build(name, args.seed)
+
+
+if __name__ == "__main__":
+    main()
