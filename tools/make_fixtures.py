@@ -66,7 +66,30 @@ def llama_family(kind: str) -> Any:
     raise ValueError(kind)
 
 
-FIXTURES = {"llama": llama_family, "llama_tied": llama_family, "qwen2": llama_family, "mistral": llama_family}
+def gemma(kind: str) -> Any:
+    from transformers import Gemma2Config, Gemma3TextConfig
+
+    common = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-6, eos_token_id=0,
+        bos_token_id=0, pad_token_id=0, initializer_range=0.05, sliding_window=4, query_pre_attn_scalar=16,
+    )  # fmt: skip
+    if kind == "gemma2":  # windowed and full layers alternate; soft-capped scores and logits
+        return Gemma2Config(**common, attn_logit_softcapping=5.0, final_logit_softcapping=3.0)
+    layer_types = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
+    config = Gemma3TextConfig(**common, layer_types=layer_types)
+    config.architectures = ["Gemma3ForCausalLM"]
+    return config
+
+
+FIXTURES = {
+    "llama": llama_family,
+    "llama_tied": llama_family,
+    "qwen2": llama_family,
+    "mistral": llama_family,
+    "gemma2": gemma,
+    "gemma3": gemma,
+}
 
 
 def build(name: str, seed: int) -> None:
@@ -80,10 +103,12 @@ def build(name: str, seed: int) -> None:
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32, attn_implementation="eager").eval()
-    with torch.no_grad():  # bias-free random models give near-uniform logits: spread the biases
+    with torch.no_grad():  # random models give near-uniform or degenerate logits: spread biases and norms
         for pname, p in model.named_parameters():
             if pname.endswith(".bias"):
                 p.normal_(0.0, 0.2)
+            elif "norm" in pname and name.startswith("gemma"):
+                p.normal_(0.0, 0.3)  # Gemma scales by (1 + w): w = 0 everywhere would hide a (1 + w) bug
     model.save_pretrained(folder, safe_serialization=True)
     ids = tok.encode(PROMPT).ids
     expected = reference_run(model, ids)

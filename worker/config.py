@@ -27,6 +27,8 @@ class ModelConfig:
     rope_scaling: dict[str, Any] = field(default_factory=dict)
     max_position: int = 0
     name: str = ""
+    # The checkpoint's whole config, for what only one architecture reads (Gemma's soft-caps, ...).
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.n_heads % self.n_kv_heads:
@@ -37,6 +39,8 @@ HF_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3",
 }
 
 
@@ -49,10 +53,14 @@ def config_from_hf(raw: dict[str, Any], name: str = "") -> ModelConfig:
     if family is None:
         raise UnknownArchitecture(f"config.json names architectures {archs}; supported: {sorted(HF_ARCHITECTURES)}")
     rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+    if "full_attention" in rope:  # per layer type (Gemma 3): the full layers' settings here
+        rope = dict(rope["full_attention"])
     theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
     n_heads = int(raw["num_attention_heads"])
     hidden = int(raw["hidden_size"])
     window = raw.get("sliding_window") if raw.get("use_sliding_window", family == "mistral") else None
+    if family.startswith("gemma"):
+        window = None  # Gemma windows some layers only: the architecture reads layer_types
     return ModelConfig(
         architecture=family,
         vocab_size=int(raw["vocab_size"]),
@@ -70,4 +78,5 @@ def config_from_hf(raw: dict[str, Any], name: str = "") -> ModelConfig:
         rope_scaling={k: v for k, v in rope.items() if k not in ("rope_theta",)},
         max_position=int(raw.get("max_position_embeddings", 0)),
         name=name,
+        extra=raw,
     )

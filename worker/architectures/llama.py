@@ -21,8 +21,8 @@ import numpy as np
 from statemesh.memory import AttentionSpec, Backend, MemorySpec, MicroBatch
 from statemesh.worker.attention import attend
 from statemesh.worker.config import ModelConfig
-from statemesh.worker.errors import MissingTensor, ShapeMismatch
 from statemesh.worker.model import Model
+from statemesh.worker.nn import Weights, rms_norm, silu
 from statemesh.worker.rope import Rope
 from statemesh.worker.tokenizer import Tokenizer
 
@@ -38,24 +38,12 @@ class LlamaLayer:
     w_down: Any  # [F, E]
 
 
-def rms_norm(x: Any, w: Any, eps: float) -> Any:
-    """x / sqrt(mean(x^2) + eps) * w over the last axis of x [n, E], in float32."""
-    xp = np if isinstance(x, np.ndarray) else __import__("cupy")
-    mean_square = xp.einsum("ne,ne->n", x, x) / xp.float32(x.shape[-1])  # [n]
-    return x * (xp.float32(1) / xp.sqrt(mean_square + xp.float32(eps)))[:, None] * w
-
-
-def silu(x: Any) -> Any:
-    xp = np if isinstance(x, np.ndarray) else __import__("cupy")
-    return x / (xp.float32(1) + xp.exp(-x))
-
-
 class LlamaModel(Model):
     def __init__(self, config: ModelConfig, tensors: dict[str, np.ndarray], tokenizer: Tokenizer, backend: Backend):
         self.config = config
         self.tokenizer = tokenizer
         self.backend = backend
-        weights = _Weights(tensors, backend)
+        weights = Weights(tensors, backend)
         c = config
         embedding = weights.get("model.embed_tokens.weight", (c.vocab_size, c.hidden_size))  # [V, E]
         self.embedding = weights.put(embedding)
@@ -67,7 +55,7 @@ class LlamaModel(Model):
         self.rope = Rope.build(c.head_dim, c.rope_theta, c.rope_scaling)
         self.scale = c.head_dim**-0.5
 
-    def _layer(self, w: _Weights, i: int) -> LlamaLayer:
+    def _layer(self, w: Weights, i: int) -> LlamaLayer:
         """Checkpoint tensors are [out, in]; stored here as [in, out] (so `h @ w`), with the q/k/v
         and gate/up projections concatenated along out: single-row decode streams each weight
         once, and fewer, larger matmuls use the memory bandwidth better."""
@@ -125,21 +113,3 @@ class LlamaModel(Model):
 
     def head(self, x: Any) -> Any:
         return rms_norm(x, self.final_norm, self.config.rms_norm_eps) @ self.lm_head_t  # [n, E] @ [E, V]
-
-
-class _Weights:
-    """Checkpoint tensors by name, checked against the config's shapes, then put on the backend."""
-
-    def __init__(self, tensors: dict[str, np.ndarray], backend: Backend):
-        self.tensors, self.backend = tensors, backend
-
-    def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        if name not in self.tensors:
-            raise MissingTensor(f"the checkpoint has no tensor {name!r}")
-        t = self.tensors[name]
-        if t.shape != shape:
-            raise ShapeMismatch(f"tensor {name!r} has shape {t.shape}; the config implies {shape}")
-        return t
-
-    def put(self, t: np.ndarray) -> Any:
-        return self.backend.asarray(np.ascontiguousarray(t, dtype=np.float32))
