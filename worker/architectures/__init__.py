@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
+
+from statemesh.memory import Backend
 from statemesh.worker.architectures.gemma import GemmaModel
 from statemesh.worker.architectures.llama import LlamaModel
+from statemesh.worker.config import ModelConfig
+from statemesh.worker.model import Model
+from statemesh.worker.tokenizer import Tokenizer
 
-ARCHITECTURES = {
+Constructor = Callable[[ModelConfig, dict[str, np.ndarray], Tokenizer, Backend], Model]
+
+ARCHITECTURES: dict[str, Constructor] = {
     "llama": LlamaModel,
     "mistral": LlamaModel,
     "qwen2": LlamaModel,
