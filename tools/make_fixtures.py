@@ -82,6 +82,16 @@ def gemma(kind: str) -> Any:
     return config
 
 
+def mamba(kind: str) -> Any:
+    from transformers import Mamba2Config, MambaConfig
+
+    common = dict(vocab_size=VOCAB, hidden_size=64, state_size=8, num_hidden_layers=3, conv_kernel=4, expand=2,
+                  layer_norm_epsilon=1e-5, eos_token_id=0, bos_token_id=0, pad_token_id=0)  # fmt: skip
+    if kind == "mamba":
+        return MambaConfig(**common, time_step_rank=8, tie_word_embeddings=False)
+    return Mamba2Config(**common, num_heads=8, head_dim=16, n_groups=2, chunk_size=8, tie_word_embeddings=False)
+
+
 FIXTURES = {
     "llama": llama_family,
     "llama_tied": llama_family,
@@ -89,6 +99,8 @@ FIXTURES = {
     "mistral": llama_family,
     "gemma2": gemma,
     "gemma3": gemma,
+    "mamba": mamba,
+    "mamba2": mamba,
 }
 
 
@@ -107,8 +119,8 @@ def build(name: str, seed: int) -> None:
         for pname, p in model.named_parameters():
             if pname.endswith(".bias"):
                 p.normal_(0.0, 0.2)
-            elif "norm" in pname and name.startswith("gemma"):
-                p.normal_(0.0, 0.3)  # Gemma scales by (1 + w): w = 0 everywhere would hide a (1 + w) bug
+            elif "norm" in pname and name.startswith(("gemma", "mamba")):
+                p.normal_(1.0 if name.startswith("mamba") else 0.0, 0.3)  # w = 0 (Gemma: 1 + w) would hide bugs
     model.save_pretrained(folder, safe_serialization=True)
     ids = tok.encode(PROMPT).ids
     expected = reference_run(model, ids)

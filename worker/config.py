@@ -31,7 +31,7 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.n_heads % self.n_kv_heads:
+        if self.n_kv_heads and self.n_heads % self.n_kv_heads:
             raise ModelError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
 
 
@@ -41,6 +41,8 @@ HF_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
+    "MambaForCausalLM": "mamba",
+    "Mamba2ForCausalLM": "mamba2",
 }
 
 
@@ -56,7 +58,7 @@ def config_from_hf(raw: dict[str, Any], name: str = "") -> ModelConfig:
     if "full_attention" in rope:  # per layer type (Gemma 3): the full layers' settings here
         rope = dict(rope["full_attention"])
     theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
-    n_heads = int(raw["num_attention_heads"])
+    n_heads = int(raw.get("num_attention_heads") or 0)  # 0 for models without attention (Mamba)
     hidden = int(raw["hidden_size"])
     window = raw.get("sliding_window") if raw.get("use_sliding_window", family == "mistral") else None
     if family.startswith("gemma"):
@@ -68,9 +70,9 @@ def config_from_hf(raw: dict[str, Any], name: str = "") -> ModelConfig:
         n_layers=int(raw["num_hidden_layers"]),
         n_heads=n_heads,
         n_kv_heads=int(raw.get("num_key_value_heads") or n_heads),
-        head_dim=int(raw.get("head_dim") or hidden // n_heads),
-        intermediate_size=int(raw["intermediate_size"]),
-        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        head_dim=int(raw.get("head_dim") or (hidden // n_heads if n_heads else 0)),
+        intermediate_size=int(raw.get("intermediate_size") or 0),
+        rms_norm_eps=float(raw.get("rms_norm_eps", raw.get("layer_norm_epsilon", 1e-6))),
         rope_theta=float(theta),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         attention_bias=bool(raw.get("attention_bias", family == "qwen2")),

@@ -9,6 +9,7 @@ import numpy as np
 from statemesh.memory import Backend
 from statemesh.worker.architectures.gemma import GemmaModel
 from statemesh.worker.architectures.llama import LlamaModel
+from statemesh.worker.architectures.mamba import MambaModel
 from statemesh.worker.config import ModelConfig
 from statemesh.worker.model import Model
 from statemesh.worker.tokenizer import Tokenizer
@@ -21,4 +22,6 @@ ARCHITECTURES: dict[str, Constructor] = {
     "qwen2": LlamaModel,
     "gemma2": GemmaModel,
     "gemma3": GemmaModel,
+    "mamba": MambaModel,
+    "mamba2": MambaModel,
 }
