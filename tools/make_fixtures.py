@@ -92,6 +92,17 @@ def mamba(kind: str) -> Any:
     return Mamba2Config(**common, num_heads=8, head_dim=16, n_groups=2, chunk_size=8, tie_word_embeddings=False)
 
 
+def bamba(kind: str) -> Any:
+    from transformers import BambaConfig
+
+    return BambaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, attn_layer_indices=[1, 3], mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=2,
+        mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=8, rms_norm_eps=1e-5,
+        eos_token_id=0, bos_token_id=0, pad_token_id=0, initializer_range=0.2,
+    )  # fmt: skip
+
+
 FIXTURES = {
     "llama": llama_family,
     "llama_tied": llama_family,
@@ -101,6 +112,7 @@ FIXTURES = {
     "gemma3": gemma,
     "mamba": mamba,
     "mamba2": mamba,
+    "bamba": bamba,
 }
 
 
@@ -119,8 +131,8 @@ def build(name: str, seed: int) -> None:
         for pname, p in model.named_parameters():
             if pname.endswith(".bias"):
                 p.normal_(0.0, 0.2)
-            elif "norm" in pname and name.startswith(("gemma", "mamba")):
-                p.normal_(1.0 if name.startswith("mamba") else 0.0, 0.3)  # w = 0 (Gemma: 1 + w) would hide bugs
+            elif "norm" in pname and name.startswith(("gemma", "mamba", "bamba")):
+                p.normal_(0.0 if name.startswith("gemma") else 1.0, 0.3)  # w = 0 (Gemma: 1 + w) would hide bugs
     model.save_pretrained(folder, safe_serialization=True)
     ids = tok.encode(PROMPT).ids
     expected = reference_run(model, ids)
@@ -133,20 +145,27 @@ def build(name: str, seed: int) -> None:
 
 def reference_run(model: Any, ids: list[int]) -> dict[str, np.ndarray]:
     with torch.no_grad():
-        prompt_logits = model(torch.tensor([ids])).logits[0].float().numpy()
+        prompt_logits = forward(model, ids).float().numpy()
         seq, greedy, steps = list(ids), [], []
         logits = prompt_logits[-1]
         for _ in range(GREEDY_STEPS):
             steps.append(logits)
             greedy.append(int(np.argmax(logits)))
             seq.append(greedy[-1])
-            logits = model(torch.tensor([seq])).logits[0, -1].float().numpy()
+            logits = forward(model, seq)[-1].float().numpy()
     return {
         "prompt_ids": np.array(ids, dtype=np.int64),
         "prompt_logits": prompt_logits.astype(np.float32),
         "greedy_ids": np.array(greedy, dtype=np.int64),
         "greedy_logits": np.stack(steps).astype(np.float32),
     }
+
+
+def forward(model: Any, ids: list[int]) -> Any:
+    """Logits [T, V] of one full forward; hybrids get explicit position ids (transformers' Bamba
+    needs them)."""
+    kwargs = {"position_ids": torch.arange(len(ids))[None]} if model.config.model_type == "bamba" else {}
+    return model(torch.tensor([ids]), **kwargs).logits[0]
 
 
 def min_margin(logits: np.ndarray) -> float:

@@ -43,6 +43,7 @@ HF_ARCHITECTURES = {
     "Gemma3ForCausalLM": "gemma3",
     "MambaForCausalLM": "mamba",
     "Mamba2ForCausalLM": "mamba2",
+    "BambaForCausalLM": "bamba",
 }
 
 

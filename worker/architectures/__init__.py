@@ -7,6 +7,7 @@ from collections.abc import Callable
 import numpy as np
 
 from statemesh.memory import Backend
+from statemesh.worker.architectures.bamba import BambaModel
 from statemesh.worker.architectures.gemma import GemmaModel
 from statemesh.worker.architectures.llama import LlamaModel
 from statemesh.worker.architectures.mamba import MambaModel
@@ -24,4 +25,5 @@ ARCHITECTURES: dict[str, Constructor] = {
     "gemma3": GemmaModel,
     "mamba": MambaModel,
     "mamba2": MambaModel,
+    "bamba": BambaModel,
 }
