@@ -103,6 +103,17 @@ def bamba(kind: str) -> Any:
     )  # fmt: skip
 
 
+def jamba(kind: str) -> Any:
+    from transformers import JambaConfig
+
+    return JambaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, expert_layer_period=2, expert_layer_offset=1,
+        attn_layer_period=2, attn_layer_offset=1, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=8,
+        rms_norm_eps=1e-5, eos_token_id=0, bos_token_id=0, pad_token_id=0, initializer_range=0.2,
+    )  # fmt: skip
+
+
 FIXTURES = {
     "llama": llama_family,
     "llama_tied": llama_family,
@@ -113,6 +124,7 @@ FIXTURES = {
     "mamba": mamba,
     "mamba2": mamba,
     "bamba": bamba,
+    "jamba": jamba,
 }
 
 
@@ -131,7 +143,7 @@ def build(name: str, seed: int) -> None:
         for pname, p in model.named_parameters():
             if pname.endswith(".bias"):
                 p.normal_(0.0, 0.2)
-            elif "norm" in pname and name.startswith(("gemma", "mamba", "bamba")):
+            elif "norm" in pname and name.startswith(("gemma", "mamba", "bamba", "jamba")):
                 p.normal_(0.0 if name.startswith("gemma") else 1.0, 0.3)  # w = 0 (Gemma: 1 + w) would hide bugs
     model.save_pretrained(folder, safe_serialization=True)
     ids = tok.encode(PROMPT).ids

@@ -44,6 +44,7 @@ HF_ARCHITECTURES = {
     "MambaForCausalLM": "mamba",
     "Mamba2ForCausalLM": "mamba2",
     "BambaForCausalLM": "bamba",
+    "JambaForCausalLM": "jamba",
 }
 
 

@@ -58,3 +58,40 @@ class Weights:
 
     def put(self, t: np.ndarray) -> Any:
         return self.backend.asarray(np.ascontiguousarray(t, dtype=np.float32))
+
+
+class DenseMLP:
+    """x -> (silu(x Wgate) * (x Wup)) Wdown, with gate and up side by side: w_gate_up [E, 2F]."""
+
+    def __init__(self, w_gate_up: Any, w_down: Any):
+        self.w_gate_up, self.w_down = w_gate_up, w_down  # [E, 2F], [F, E]
+
+    def __call__(self, h: Any) -> Any:
+        f = self.w_down.shape[0]
+        gate_up = h @ self.w_gate_up  # [n, E] @ [E, 2F] -> [n, 2F]
+        return (silu(gate_up[:, :f]) * gate_up[:, f:]) @ self.w_down  # [n, F] @ [F, E] -> [n, E]
+
+
+class MixtureOfExperts:
+    """Each row goes to its top_k experts by softmax router weight (X experts, each a DenseMLP),
+    and their outputs are summed, weighted; `renormalize` rescales the top_k weights to sum to 1
+    (Granite does, Jamba does not)."""
+
+    def __init__(self, router: Any, experts: list[DenseMLP], top_k: int, renormalize: bool):
+        self.router, self.experts, self.top_k, self.renormalize = router, experts, top_k, renormalize  # router [E, X]
+
+    def __call__(self, h: Any) -> Any:
+        xp = xp_of(h)
+        logits = h @ self.router  # [n, E] @ [E, X] -> [n, X]
+        probs = xp.exp(logits - logits.max(axis=-1, keepdims=True))
+        probs /= probs.sum(axis=-1, keepdims=True)
+        top = xp.argsort(-probs, axis=-1, kind="stable")[:, : self.top_k]  # [n, k]
+        weights = xp.take_along_axis(probs, top, axis=-1)  # [n, k]
+        if self.renormalize:
+            weights /= weights.sum(axis=-1, keepdims=True)
+        out = xp.zeros_like(h)
+        top_host = top if xp is np else xp.asnumpy(top)
+        for expert in np.unique(top_host):
+            rows, slot = np.nonzero(top_host == expert)
+            out[rows] += self.experts[int(expert)](h[rows]) * weights[rows, slot][:, None]
+        return out

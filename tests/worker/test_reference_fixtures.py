@@ -63,7 +63,7 @@ def test_prefill_in_chunks_equals_one_pass_equals_token_by_token(case) -> None: 
         model.create_memory(n_ctx=64, n_seq_max=1), Batch(list(range(len(ids))), [0] * len(ids), tokens=ids), n_ubatch=3
     )
     for other in (np.concatenate(chunks), np.concatenate(singles), ubatched):
-        assert relative_error(other, one_pass) < 1e-5
+        assert relative_error(other, one_pass) < 1e-4  # the same up to float summation order
 
 
 def test_fork_then_both_continue_identically(case) -> None:  # type: ignore[no-untyped-def]

@@ -7,8 +7,8 @@ from collections.abc import Callable
 import numpy as np
 
 from statemesh.memory import Backend
-from statemesh.worker.architectures.bamba import BambaModel
 from statemesh.worker.architectures.gemma import GemmaModel
+from statemesh.worker.architectures.hybrid import HybridModel
 from statemesh.worker.architectures.llama import LlamaModel
 from statemesh.worker.architectures.mamba import MambaModel
 from statemesh.worker.config import ModelConfig
@@ -25,5 +25,6 @@ ARCHITECTURES: dict[str, Constructor] = {
     "gemma3": GemmaModel,
     "mamba": MambaModel,
     "mamba2": MambaModel,
-    "bamba": BambaModel,
+    "bamba": HybridModel,
+    "jamba": HybridModel,
 }

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from statemesh.memory import RecurrentSpec
-from statemesh.worker.nn import Weights, silu, xp_of
+from statemesh.worker.nn import Weights, rms_norm, silu, xp_of
 
 
 def json_float(value: Any) -> float:
@@ -80,10 +80,18 @@ class Mamba1Mixer:
     a: Any  # [I, N] = -exp(A_log)
     d: Any  # [I]
     w_out: Any  # [I, E]
+    # Jamba normalizes dt, B and C (RMSNorm) between x_proj and their use
+    dt_norm: Any | None = None  # [R]
+    b_norm: Any | None = None  # [N]
+    c_norm: Any | None = None  # [N]
+    norm_eps: float = 0.0
 
     @staticmethod
-    def load(w: Weights, m: str, hidden: int, inner: int, n_state: int, dt_rank: int, conv_k: int) -> Mamba1Mixer:
-        """The mixer whose tensors are named `m` + "in_proj.weight", ..."""
+    def load(
+        w: Weights, m: str, hidden: int, inner: int, n_state: int, dt_rank: int, conv_k: int, norm_eps: float = 0.0
+    ) -> Mamba1Mixer:
+        """The mixer whose tensors are named `m` + "in_proj.weight", ... (with Jamba's
+        dt/b/c_layernorm when the checkpoint has them)."""
         e, i, n, r, k = hidden, inner, n_state, dt_rank, conv_k
         return Mamba1Mixer(
             inner=i, n_state=n, dt_rank=r, conv_k=k,
@@ -96,6 +104,10 @@ class Mamba1Mixer:
             a=w.put(-np.exp(w.get(m + "A_log", (i, n)))),
             d=w.put(w.get(m + "D", (i,))),
             w_out=w.put(w.get(m + "out_proj.weight", (e, i)).T),
+            dt_norm=_optional(w, m + "dt_layernorm.weight", (r,)),
+            b_norm=_optional(w, m + "b_layernorm.weight", (n,)),
+            c_norm=_optional(w, m + "c_layernorm.weight", (n,)),
+            norm_eps=norm_eps,
         )  # fmt: skip
 
     @property
@@ -110,8 +122,11 @@ class Mamba1Mixer:
         x, conv_state = causal_conv(x, conv_state, self.conv_w, self.conv_b)
         x = silu(x)  # [S, T, I]
         dbc = x @ self.w_x  # [S, T, I] @ [I, R+2N] -> [S, T, R+2N]
-        dt = softplus(dbc[..., :r] @ self.w_dt + self.b_dt)  # [S, T, R] @ [R, I] -> [S, T, I]
-        b, c = dbc[..., r : r + n], dbc[..., r + n :]  # [S, T, N] each
+        dt, b, c = dbc[..., :r], dbc[..., r : r + n], dbc[..., r + n :]  # [S, T, R], [S, T, N], [S, T, N]
+        if self.dt_norm is not None:
+            dt = rms_norm(dt, self.dt_norm, self.norm_eps)
+            b, c = rms_norm(b, self.b_norm, self.norm_eps), rms_norm(c, self.c_norm, self.norm_eps)
+        dt = softplus(dt @ self.w_dt + self.b_dt)  # [S, T, R] @ [R, I] -> [S, T, I]
         decay = xp.exp(dt[..., None] * self.a)  # [S, T, I, N]
         inflow = (dt * x)[..., None] * b[:, :, None, :]  # [S, T, I, N]
         ys = []

@@ -1,0 +1,190 @@
+"""Hybrids of state space layers and attention layers, over the hybrid memory:
+Bamba (Mamba-2 + attention with RoPE on part of each head) and Jamba (Mamba-1 with dt/B/C norms +
+attention without positions, a mixture of experts in every other layer).
+
+Per layer, top to bottom:
+    h = rmsnorm(x) * w_in_norm
+    x = x + mixer(h)            a state space mixer (recurrent state) or attention (KV cache)
+    h = rmsnorm(x) * w_mlp_norm
+    x = x + ffn(h)              a SwiGLU MLP, or a mixture of SwiGLU experts
+
+Symbols: n rows, E hidden size, H / Hkv heads, D head dim, F intermediate size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from statemesh.memory import AttentionSpec, Backend, MemorySpec, MicroBatch
+from statemesh.worker.architectures.ssm import Mamba1Mixer, Mamba2Dims, Mamba2Mixer, json_float
+from statemesh.worker.attention import attend
+from statemesh.worker.config import ModelConfig
+from statemesh.worker.model import Model
+from statemesh.worker.nn import DenseMLP, MixtureOfExperts, Weights, rms_norm
+from statemesh.worker.rope import Rope
+from statemesh.worker.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class AttentionMixer:
+    w_qkv: Any  # [E, (H + 2*Hkv)*D]
+    wo: Any  # [H*D, E]
+
+
+@dataclass(frozen=True)
+class HybridLayer:
+    norm_in: Any  # [E]
+    mixer: Mamba1Mixer | Mamba2Mixer | AttentionMixer
+    norm_mlp: Any  # [E]
+    ffn: DenseMLP | MixtureOfExperts
+
+
+def attention_layers(family: str, raw: dict[str, Any], n_layers: int) -> set[int]:
+    """Which layers attend. Jamba: every attn_layer_period-th from attn_layer_offset; Bamba:
+    `attn_layer_indices`, or the older `layers_block_type` list."""
+    if family == "jamba":
+        return {i for i in range(n_layers) if i % int(raw["attn_layer_period"]) == int(raw["attn_layer_offset"])}
+    if raw.get("attn_layer_indices") is not None:
+        return {int(i) for i in raw["attn_layer_indices"]}
+    types = raw.get("layers_block_type") or ["mamba"] * n_layers
+    return {i for i, t in enumerate(types) if t == "attention"}
+
+
+def expert_layers(family: str, raw: dict[str, Any], n_layers: int) -> set[int]:
+    """Jamba puts experts in every expert_layer_period-th layer from expert_layer_offset."""
+    if family != "jamba" or int(raw.get("num_experts", 1)) <= 1:
+        return set()
+    return {i for i in range(n_layers) if i % int(raw["expert_layer_period"]) == int(raw["expert_layer_offset"])}
+
+
+class HybridModel(Model):
+    def __init__(self, config: ModelConfig, tensors: dict[str, np.ndarray], tokenizer: Tokenizer, backend: Backend):
+        self.config, self.tokenizer, self.backend = config, tokenizer, backend
+        raw, c = config.extra, config
+        w = Weights(tensors, backend)
+        embedding = w.get("model.embed_tokens.weight", (c.vocab_size, c.hidden_size))
+        self.embedding = w.put(embedding)
+        tied = c.tie_word_embeddings or "lm_head.weight" not in tensors
+        self.lm_head_t = w.put((embedding if tied else w.get("lm_head.weight", (c.vocab_size, c.hidden_size))).T)
+        self.final_norm = w.put(w.get("model.final_layernorm.weight", (c.hidden_size,)))
+        self.family = c.architecture
+        attending = attention_layers(self.family, raw, c.n_layers)
+        experts = expert_layers(self.family, raw, c.n_layers)
+        self.layers = [self._layer(w, raw, i, i in attending, i in experts) for i in range(c.n_layers)]
+        self.rope: Rope | None = None  # Jamba's attention has no positions
+        if self.family == "bamba":
+            rope = raw.get("rope_parameters") or {}
+            factor = float(rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0)))
+            self.rope = Rope.build(c.head_dim, c.rope_theta, c.rope_scaling, rotary_dim=int(c.head_dim * factor))
+        self.scale = c.head_dim**-0.5
+
+    def _state_mixer(self, w: Weights, raw: dict[str, Any], m: str) -> Mamba1Mixer | Mamba2Mixer:
+        c = self.config
+        if self.family == "jamba":
+            inner = int(raw["mamba_expand"]) * c.hidden_size
+            return Mamba1Mixer.load(
+                w, m, c.hidden_size, inner, int(raw["mamba_d_state"]), int(raw["mamba_dt_rank"]),
+                int(raw["mamba_d_conv"]), norm_eps=c.rms_norm_eps,
+            )  # fmt: skip
+        low, high = raw.get("time_step_limit", (0.0, float("inf")))
+        dims = Mamba2Dims(
+            n_heads=int(raw["mamba_n_heads"]),
+            head_width=int(raw["mamba_d_head"]),
+            groups=int(raw["mamba_n_groups"]),
+            n_state=int(raw["mamba_d_state"]),
+            conv_k=int(raw["mamba_d_conv"]),
+            eps=c.rms_norm_eps,
+            dt_limit=(json_float(low), json_float(high)),
+        )
+        return Mamba2Mixer.load(w, m, c.hidden_size, dims)
+
+    def _layer(self, w: Weights, raw: dict[str, Any], i: int, attends: bool, has_experts: bool) -> HybridLayer:
+        c = self.config
+        p = f"model.layers.{i}."
+        e = c.hidden_size
+        mixer: Mamba1Mixer | Mamba2Mixer | AttentionMixer
+        if attends:
+            q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+            qkv = [
+                w.get(p + f"self_attn.{n}_proj.weight", (d, e)) for n, d in (("q", q_dim), ("k", kv_dim), ("v", kv_dim))
+            ]
+            mixer = AttentionMixer(
+                w_qkv=w.put(np.concatenate(qkv).T), wo=w.put(w.get(p + "self_attn.o_proj.weight", (e, q_dim)).T)
+            )
+        else:
+            mixer = self._state_mixer(w, raw, p + "mamba.")
+        return HybridLayer(
+            norm_in=w.put(w.get(p + "input_layernorm.weight", (e,))),
+            mixer=mixer,
+            norm_mlp=w.put(w.get(p + "pre_ff_layernorm.weight", (e,))),
+            ffn=self._experts(w, raw, p + "feed_forward.") if has_experts else self._mlp(w, p + "feed_forward."),
+        )
+
+    def _mlp(self, w: Weights, m: str) -> DenseMLP:
+        e, f = self.config.hidden_size, self.config.intermediate_size
+        gate_up = [w.get(m + f"{n}_proj.weight", (f, e)) for n in ("gate", "up")]
+        return DenseMLP(w.put(np.concatenate(gate_up).T), w.put(w.get(m + "down_proj.weight", (e, f)).T))
+
+    def _experts(self, w: Weights, raw: dict[str, Any], m: str) -> MixtureOfExperts:
+        """Checkpoints name each expert's MLP (experts.{j}.gate_proj.weight, ...); transformers 5
+        holds them fused in memory (experts.gate_up_proj [X, 2F, E], experts.down_proj [X, E, F]),
+        which is read too."""
+        e, f, x = self.config.hidden_size, self.config.intermediate_size, int(raw["num_experts"])
+        if m + "experts.gate_up_proj" in w.tensors:
+            gate_up = w.get(m + "experts.gate_up_proj", (x, 2 * f, e))
+            down = w.get(m + "experts.down_proj", (x, e, f))
+            experts = [DenseMLP(w.put(gate_up[j].T), w.put(down[j].T)) for j in range(x)]
+        else:
+            experts = [self._mlp(w, m + f"experts.{j}.") for j in range(x)]
+        router = w.put(w.get(m + "router.weight", (x, e)).T)  # [E, X]
+        return MixtureOfExperts(router, experts, int(raw["num_experts_per_tok"]), renormalize=False)
+
+    def memory_spec(self) -> MemorySpec:
+        c = self.config
+        attention = AttentionSpec(c.n_kv_heads, c.head_dim)
+        layers = tuple(
+            attention if isinstance(layer.mixer, AttentionMixer) else layer.mixer.state_spec for layer in self.layers
+        )
+        return MemorySpec(layers, model=c.name or c.architecture)
+
+    def k_shift(self, layer: int, k: Any, delta: Any) -> Any:
+        return k if self.rope is None else self.rope.k_shift(layer, k, delta)
+
+    def embed(self, tokens: np.ndarray) -> Any:
+        return self.embedding[self.backend.index(tokens)]
+
+    def prepare(self, ub: MicroBatch) -> tuple[Any, Any] | None:
+        return None if self.rope is None else self.rope.cos_sin(ub.positions, self.backend.xp)
+
+    def block(self, layer: int, x: Any, ub: MicroBatch, shared: Any) -> Any:
+        c, w = self.config, self.layers[layer]
+        h = rms_norm(x, w.norm_in, c.rms_norm_eps)
+        if not isinstance(w.mixer, AttentionMixer):
+            s, t = len(ub.seqs), ub.n_seq_tokens
+            assert t is not None, "recurrent layers run on equal-split micro-batches"
+            out, conv_state, ssm_state = w.mixer(h.reshape(s, t, -1), *ub.state(layer))  # rows as [S, T, E]
+            ub.store_state(layer, conv_state, ssm_state)
+            x = x + out.reshape(x.shape)
+        else:
+            x = x + self._attention(layer, w.mixer, h, ub, shared)
+        return x + w.ffn(rms_norm(x, w.norm_mlp, c.rms_norm_eps))
+
+    def _attention(self, layer: int, w: AttentionMixer, h: Any, ub: MicroBatch, shared: Any) -> Any:
+        c = self.config
+        n, q_dim, kv_dim = h.shape[0], c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        qkv = h @ w.w_qkv  # [n, E] @ [E, (H+2Hkv)*D] -> [n, (H+2Hkv)*D]
+        q = qkv[:, :q_dim].reshape(n, c.n_heads, c.head_dim)  # [n, H, D]
+        k = qkv[:, q_dim : q_dim + kv_dim].reshape(n, c.n_kv_heads, c.head_dim)  # [n, Hkv, D]
+        v = qkv[:, q_dim + kv_dim :].reshape(n, c.n_kv_heads, c.head_dim)  # [n, Hkv, D]
+        if self.rope is not None:
+            cos, sin = shared
+            q, k = self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin)
+        ub.store_kv(layer, k, v)
+        o = attend(q, ub, layer, self.scale)  # [n, H, D]
+        return o.reshape(n, -1) @ w.wo  # [n, H*D] @ [H*D, E] -> [n, E]
+
+    def head(self, x: Any) -> Any:
+        return rms_norm(x, self.final_norm, self.config.rms_norm_eps) @ self.lm_head_t
