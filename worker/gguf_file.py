@@ -76,7 +76,10 @@ def read_gguf(path: Path, progress: bool | None = None) -> tuple[ModelConfig, di
         bar.advance()
         if name is None:
             continue  # e.g. rope_freqs, which the config already describes
-        w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+        raw = np.asarray(t.data)
+        if t.tensor_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            raw = raw.view(np.uint8)  # the reader types BF16 as uint16; dequantize wants bytes
+        w = np.asarray(gguf.quants.dequantize(raw, t.tensor_type), dtype=np.float32)
         w = w.reshape(tuple(int(d) for d in reversed(t.shape)))  # GGUF dims are innermost-first
         if arch in PERMUTED_QK and name.endswith(("q_proj.weight", "q_proj.bias")):
             w = unpermute_rope(w, config.n_heads)
