@@ -114,6 +114,19 @@ def jamba(kind: str) -> Any:
     )  # fmt: skip
 
 
+def granite(kind: str) -> Any:
+    from transformers import GraniteMoeHybridConfig
+
+    return GraniteMoeHybridConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, layer_types=["mamba", "attention", "mamba", "attention"], mamba_n_heads=8,
+        mamba_d_head=16, mamba_n_groups=2, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=8,
+        num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=96, position_embedding_type="rope",
+        embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=1.5,
+        rms_norm_eps=1e-5, eos_token_id=0, bos_token_id=0, pad_token_id=0, initializer_range=0.2,
+    )  # fmt: skip
+
+
 FIXTURES = {
     "llama": llama_family,
     "llama_tied": llama_family,
@@ -125,6 +138,7 @@ FIXTURES = {
     "mamba2": mamba,
     "bamba": bamba,
     "jamba": jamba,
+    "granitemoehybrid": granite,
 }
 
 
@@ -143,7 +157,7 @@ def build(name: str, seed: int) -> None:
         for pname, p in model.named_parameters():
             if pname.endswith(".bias"):
                 p.normal_(0.0, 0.2)
-            elif "norm" in pname and name.startswith(("gemma", "mamba", "bamba", "jamba")):
+            elif "norm" in pname and name.startswith(("gemma", "mamba", "bamba", "jamba", "granite")):
                 p.normal_(0.0 if name.startswith("gemma") else 1.0, 0.3)  # w = 0 (Gemma: 1 + w) would hide bugs
     model.save_pretrained(folder, safe_serialization=True)
     ids = tok.encode(PROMPT).ids
@@ -176,7 +190,11 @@ def reference_run(model: Any, ids: list[int]) -> dict[str, np.ndarray]:
 def forward(model: Any, ids: list[int]) -> Any:
     """Logits [T, V] of one full forward; hybrids get explicit position ids (transformers' Bamba
     needs them)."""
-    kwargs = {"position_ids": torch.arange(len(ids))[None]} if model.config.model_type == "bamba" else {}
+    kwargs = (
+        {"position_ids": torch.arange(len(ids))[None]}
+        if model.config.model_type in ("bamba", "granitemoehybrid")
+        else {}
+    )
     return model(torch.tensor([ids]), **kwargs).logits[0]
 
 

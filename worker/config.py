@@ -45,6 +45,7 @@ HF_ARCHITECTURES = {
     "Mamba2ForCausalLM": "mamba2",
     "BambaForCausalLM": "bamba",
     "JambaForCausalLM": "jamba",
+    "GraniteMoeHybridForCausalLM": "granitemoehybrid",
 }
 
 

@@ -98,3 +98,13 @@ class MixtureOfExperts:
             rows, slot = np.nonzero(top_host == expert)
             out[rows] += self.experts[int(expert)](h[rows]) * weights[rows, slot][:, None]
         return out
+
+
+class SharedAndRouted:
+    """Granite's feed-forward: a mixture of experts plus a shared MLP every row goes through."""
+
+    def __init__(self, routed: MixtureOfExperts, shared: DenseMLP):
+        self.routed, self.shared = routed, shared
+
+    def __call__(self, h: Any) -> Any:
+        return self.routed(h) + self.shared(h)

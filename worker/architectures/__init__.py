@@ -27,4 +27,5 @@ ARCHITECTURES: dict[str, Constructor] = {
     "mamba2": MambaModel,
     "bamba": HybridModel,
     "jamba": HybridModel,
+    "granitemoehybrid": HybridModel,
 }

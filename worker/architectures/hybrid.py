@@ -1,12 +1,14 @@
 """Hybrids of state space layers and attention layers, over the hybrid memory:
-Bamba (Mamba-2 + attention with RoPE on part of each head) and Jamba (Mamba-1 with dt/B/C norms +
-attention without positions, a mixture of experts in every other layer).
+- Bamba: Mamba-2 + attention with RoPE on part of each head, SwiGLU MLPs;
+- Jamba: Mamba-1 with dt/B/C norms + attention without positions, experts in every other layer;
+- GraniteMoeHybrid (Granite 4): Mamba-2 + attention (RoPE when the config asks), routed experts
+  plus a shared MLP, and multipliers on the embeddings, residuals, attention scores and logits.
 
-Per layer, top to bottom:
+Per layer, top to bottom (m_res = residual multiplier, 1 but for Granite):
     h = rmsnorm(x) * w_in_norm
-    x = x + mixer(h)            a state space mixer (recurrent state) or attention (KV cache)
+    x = x + m_res * mixer(h)    a state space mixer (recurrent state) or attention (KV cache)
     h = rmsnorm(x) * w_mlp_norm
-    x = x + ffn(h)              a SwiGLU MLP, or a mixture of SwiGLU experts
+    x = x + m_res * ffn(h)      a SwiGLU MLP, a mixture of SwiGLU experts, or both
 
 Symbols: n rows, E hidden size, H / Hkv heads, D head dim, F intermediate size.
 """
@@ -23,7 +25,7 @@ from statemesh.worker.architectures.ssm import Mamba1Mixer, Mamba2Dims, Mamba2Mi
 from statemesh.worker.attention import attend
 from statemesh.worker.config import ModelConfig
 from statemesh.worker.model import Model
-from statemesh.worker.nn import DenseMLP, MixtureOfExperts, Weights, rms_norm
+from statemesh.worker.nn import DenseMLP, MixtureOfExperts, SharedAndRouted, Weights, rms_norm
 from statemesh.worker.rope import Rope
 from statemesh.worker.tokenizer import Tokenizer
 
@@ -39,18 +41,34 @@ class HybridLayer:
     norm_in: Any  # [E]
     mixer: Mamba1Mixer | Mamba2Mixer | AttentionMixer
     norm_mlp: Any  # [E]
-    ffn: DenseMLP | MixtureOfExperts
+    ffn: DenseMLP | MixtureOfExperts | SharedAndRouted
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where the families differ in naming."""
+
+    mlp_norm: str  # the norm before the feed-forward, per layer
+    final_norm: str
+
+
+FAMILIES = {
+    "bamba": Family("pre_ff_layernorm", "model.final_layernorm.weight"),
+    "jamba": Family("pre_ff_layernorm", "model.final_layernorm.weight"),
+    "granitemoehybrid": Family("post_attention_layernorm", "model.norm.weight"),
+}
 
 
 def attention_layers(family: str, raw: dict[str, Any], n_layers: int) -> set[int]:
     """Which layers attend. Jamba: every attn_layer_period-th from attn_layer_offset; Bamba:
-    `attn_layer_indices`, or the older `layers_block_type` list."""
+    `attn_layer_indices`; otherwise a list of layer types (`layer_types`, or the older
+    `layers_block_type`): "attention" / "full_attention" attend, "mamba" / "linear_attention" scan."""
     if family == "jamba":
         return {i for i in range(n_layers) if i % int(raw["attn_layer_period"]) == int(raw["attn_layer_offset"])}
     if raw.get("attn_layer_indices") is not None:
         return {int(i) for i in raw["attn_layer_indices"]}
-    types = raw.get("layers_block_type") or ["mamba"] * n_layers
-    return {i for i, t in enumerate(types) if t == "attention"}
+    types = raw.get("layer_types") or raw.get("layers_block_type") or []
+    return {i for i, t in enumerate(types) if t in ("attention", "full_attention")}
 
 
 def expert_layers(family: str, raw: dict[str, Any], n_layers: int) -> set[int]:
@@ -69,17 +87,21 @@ class HybridModel(Model):
         self.embedding = w.put(embedding)
         tied = c.tie_word_embeddings or "lm_head.weight" not in tensors
         self.lm_head_t = w.put((embedding if tied else w.get("lm_head.weight", (c.vocab_size, c.hidden_size))).T)
-        self.final_norm = w.put(w.get("model.final_layernorm.weight", (c.hidden_size,)))
         self.family = c.architecture
+        self.names = FAMILIES[self.family]
+        self.final_norm = w.put(w.get(self.names.final_norm, (c.hidden_size,)))
+        self.embedding_multiplier = np.float32(raw.get("embedding_multiplier", 1.0))
+        self.residual_multiplier = np.float32(raw.get("residual_multiplier", 1.0))
+        self.logits_scaling = np.float32(raw.get("logits_scaling", 1.0))
         attending = attention_layers(self.family, raw, c.n_layers)
         experts = expert_layers(self.family, raw, c.n_layers)
         self.layers = [self._layer(w, raw, i, i in attending, i in experts) for i in range(c.n_layers)]
-        self.rope: Rope | None = None  # Jamba's attention has no positions
-        if self.family == "bamba":
+        self.rope: Rope | None = None  # Jamba's attention has no positions, nor Granite's by default
+        if self.family == "bamba" or raw.get("position_embedding_type") == "rope":
             rope = raw.get("rope_parameters") or {}
             factor = float(rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0)))
             self.rope = Rope.build(c.head_dim, c.rope_theta, c.rope_scaling, rotary_dim=int(c.head_dim * factor))
-        self.scale = c.head_dim**-0.5
+        self.scale = float(raw.get("attention_multiplier") or c.head_dim**-0.5)
 
     def _state_mixer(self, w: Weights, raw: dict[str, Any], m: str) -> Mamba1Mixer | Mamba2Mixer:
         c = self.config
@@ -119,9 +141,33 @@ class HybridModel(Model):
         return HybridLayer(
             norm_in=w.put(w.get(p + "input_layernorm.weight", (e,))),
             mixer=mixer,
-            norm_mlp=w.put(w.get(p + "pre_ff_layernorm.weight", (e,))),
-            ffn=self._experts(w, raw, p + "feed_forward.") if has_experts else self._mlp(w, p + "feed_forward."),
+            norm_mlp=w.put(w.get(p + f"{self.names.mlp_norm}.weight", (e,))),
+            ffn=self._feed_forward(w, raw, p, has_experts),
         )
+
+    def _feed_forward(self, w: Weights, raw: dict[str, Any], p: str, has_experts: bool) -> Any:
+        if self.family == "granitemoehybrid":
+            e, fs = self.config.hidden_size, int(raw["shared_intermediate_size"])
+            shared = DenseMLP(
+                w.put(w.get(p + "shared_mlp.input_linear.weight", (2 * fs, e)).T),  # gate rows, then up rows
+                w.put(w.get(p + "shared_mlp.output_linear.weight", (e, fs)).T),
+            )
+            if int(raw.get("num_local_experts", 0)) == 0:
+                return shared
+            return SharedAndRouted(self._granite_experts(w, raw, p + "block_sparse_moe."), shared)
+        if has_experts:
+            return self._experts(w, raw, p + "feed_forward.")
+        return self._mlp(w, p + "feed_forward.")
+
+    def _granite_experts(self, w: Weights, raw: dict[str, Any], m: str) -> MixtureOfExperts:
+        """Granite checkpoints store experts fused: input_linear [X, 2F, E], output_linear [X, E, F];
+        the router keeps softmax weights of the top-k logits, i.e. renormalized."""
+        e, f, x = self.config.hidden_size, self.config.intermediate_size, int(raw["num_local_experts"])
+        gate_up = w.get(m + "input_linear.weight", (x, 2 * f, e))
+        down = w.get(m + "output_linear.weight", (x, e, f))
+        experts = [DenseMLP(w.put(gate_up[j].T), w.put(down[j].T)) for j in range(x)]
+        router = w.put(w.get(m + "router.layer.weight", (x, e)).T)  # [E, X]
+        return MixtureOfExperts(router, experts, int(raw["num_experts_per_tok"]), renormalize=True)
 
     def _mlp(self, w: Weights, m: str) -> DenseMLP:
         e, f = self.config.hidden_size, self.config.intermediate_size
@@ -154,7 +200,7 @@ class HybridModel(Model):
         return k if self.rope is None else self.rope.k_shift(layer, k, delta)
 
     def embed(self, tokens: np.ndarray) -> Any:
-        return self.embedding[self.backend.index(tokens)]
+        return self.embedding[self.backend.index(tokens)] * self.embedding_multiplier
 
     def prepare(self, ub: MicroBatch) -> tuple[Any, Any] | None:
         return None if self.rope is None else self.rope.cos_sin(ub.positions, self.backend.xp)
@@ -167,10 +213,10 @@ class HybridModel(Model):
             assert t is not None, "recurrent layers run on equal-split micro-batches"
             out, conv_state, ssm_state = w.mixer(h.reshape(s, t, -1), *ub.state(layer))  # rows as [S, T, E]
             ub.store_state(layer, conv_state, ssm_state)
-            x = x + out.reshape(x.shape)
+            x = x + out.reshape(x.shape) * self.residual_multiplier
         else:
-            x = x + self._attention(layer, w.mixer, h, ub, shared)
-        return x + w.ffn(rms_norm(x, w.norm_mlp, c.rms_norm_eps))
+            x = x + self._attention(layer, w.mixer, h, ub, shared) * self.residual_multiplier
+        return x + w.ffn(rms_norm(x, w.norm_mlp, c.rms_norm_eps)) * self.residual_multiplier
 
     def _attention(self, layer: int, w: AttentionMixer, h: Any, ub: MicroBatch, shared: Any) -> Any:
         c = self.config
@@ -187,4 +233,4 @@ class HybridModel(Model):
         return o.reshape(n, -1) @ w.wo  # [n, H*D] @ [H*D, E] -> [n, E]
 
     def head(self, x: Any) -> Any:
-        return rms_norm(x, self.final_norm, self.config.rms_norm_eps) @ self.lm_head_t
+        return (rms_norm(x, self.final_norm, self.config.rms_norm_eps) @ self.lm_head_t) / self.logits_scaling
