@@ -127,6 +127,18 @@ def granite(kind: str) -> Any:
     )  # fmt: skip
 
 
+def nemotron_h(kind: str) -> Any:
+    from transformers import NemotronHConfig
+
+    return NemotronHConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=5, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, hybrid_override_pattern="M*-M*", mamba_num_heads=8, mamba_head_dim=16,
+        n_groups=2, ssm_state_size=8, conv_kernel=4, expand=2, chunk_size=8, time_step_min=0.05,
+        layer_norm_epsilon=1e-5, eos_token_id=0, bos_token_id=0, pad_token_id=0, initializer_range=0.2,
+        use_mamba_kernels=False,
+    )  # fmt: skip
+
+
 FIXTURES = {
     "llama": llama_family,
     "llama_tied": llama_family,
@@ -139,6 +151,7 @@ FIXTURES = {
     "bamba": bamba,
     "jamba": jamba,
     "granitemoehybrid": granite,
+    "nemotron_h": nemotron_h,
 }
 
 
@@ -157,7 +170,7 @@ def build(name: str, seed: int) -> None:
         for pname, p in model.named_parameters():
             if pname.endswith(".bias"):
                 p.normal_(0.0, 0.2)
-            elif "norm" in pname and name.startswith(("gemma", "mamba", "bamba", "jamba", "granite")):
+            elif "norm" in pname and name.startswith(("gemma", "mamba", "bamba", "jamba", "granite", "nemotron")):
                 p.normal_(0.0 if name.startswith("gemma") else 1.0, 0.3)  # w = 0 (Gemma: 1 + w) would hide bugs
     model.save_pretrained(folder, safe_serialization=True)
     ids = tok.encode(PROMPT).ids

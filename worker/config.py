@@ -46,6 +46,7 @@ HF_ARCHITECTURES = {
     "BambaForCausalLM": "bamba",
     "JambaForCausalLM": "jamba",
     "GraniteMoeHybridForCausalLM": "granitemoehybrid",
+    "NemotronHForCausalLM": "nemotron_h",
 }
 
 
@@ -70,7 +71,7 @@ def config_from_hf(raw: dict[str, Any], name: str = "") -> ModelConfig:
         architecture=family,
         vocab_size=int(raw["vocab_size"]),
         hidden_size=hidden,
-        n_layers=int(raw["num_hidden_layers"]),
+        n_layers=_n_layers(raw),
         n_heads=n_heads,
         n_kv_heads=int(raw.get("num_key_value_heads") or n_heads),
         head_dim=int(raw.get("head_dim") or (hidden // n_heads if n_heads else 0)),
@@ -85,3 +86,13 @@ def config_from_hf(raw: dict[str, Any], name: str = "") -> ModelConfig:
         name=name,
         extra=raw,
     )
+
+
+def _n_layers(raw: dict[str, Any]) -> int:
+    """num_hidden_layers, or the length of a per-layer type list (Nemotron-H saves only that)."""
+    from statemesh.worker.errors import ModelError
+
+    n = raw.get("num_hidden_layers") or len(raw.get("layers_block_type") or raw.get("hybrid_override_pattern") or "")
+    if not n:
+        raise ModelError("config.json gives neither num_hidden_layers nor a per-layer type list")
+    return int(n)

@@ -11,6 +11,7 @@ from statemesh.worker.architectures.gemma import GemmaModel
 from statemesh.worker.architectures.hybrid import HybridModel
 from statemesh.worker.architectures.llama import LlamaModel
 from statemesh.worker.architectures.mamba import MambaModel
+from statemesh.worker.architectures.nemotron_h import NemotronHModel
 from statemesh.worker.config import ModelConfig
 from statemesh.worker.model import Model
 from statemesh.worker.tokenizer import Tokenizer
@@ -28,4 +29,5 @@ ARCHITECTURES: dict[str, Constructor] = {
     "bamba": HybridModel,
     "jamba": HybridModel,
     "granitemoehybrid": HybridModel,
+    "nemotron_h": NemotronHModel,
 }

@@ -1,0 +1,130 @@
+"""Nemotron-H: every layer is one block, x = x + mixer(rmsnorm(x)), whose mixer is one of
+    Mamba-2 ("M"),  attention without positions ("*"),  or a squared-ReLU MLP ("-"),
+so some layers keep a recurrent state, some a KV cache, and the MLP layers none at all.
+
+dt is clamped below at time_step_min. transformers does that in its multi-token (chunked) form but
+not in its single-token decode form; here it is done in every step, so a sequence's result does not
+depend on how it was split into micro-batches.
+
+Symbols: n rows, E hidden size, H / Hkv heads, D head dim, F intermediate size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from statemesh.memory import AttentionSpec, Backend, MemorySpec, MicroBatch
+from statemesh.worker.architectures.ssm import Mamba2Dims, Mamba2Mixer
+from statemesh.worker.attention import attend
+from statemesh.worker.config import ModelConfig
+from statemesh.worker.errors import UnknownArchitecture
+from statemesh.worker.model import Model
+from statemesh.worker.nn import Weights, rms_norm, xp_of
+from statemesh.worker.tokenizer import Tokenizer
+
+PATTERN = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
+
+
+def block_types(raw: dict[str, Any], n_layers: int) -> list[str]:
+    """`layers_block_type` (transformers 5 names) or the older `hybrid_override_pattern` string."""
+    if raw.get("layers_block_type"):
+        names = {"linear_attention": "mamba", "full_attention": "attention"}
+        return [names.get(t, t) for t in raw["layers_block_type"]]
+    pattern = str(raw["hybrid_override_pattern"])
+    if len(pattern) != n_layers:
+        raise UnknownArchitecture(f"hybrid_override_pattern has {len(pattern)} layers, the config {n_layers}")
+    return [PATTERN[ch] for ch in pattern]
+
+
+class SquaredReluMLP:
+    """x -> relu(x Wup)^2 Wdown."""
+
+    def __init__(self, w_up: Any, w_down: Any):
+        self.w_up, self.w_down = w_up, w_down  # [E, F], [F, E]
+
+    def __call__(self, h: Any) -> Any:
+        xp = xp_of(h)
+        u = xp.maximum(h @ self.w_up, xp.float32(0))  # [n, E] @ [E, F] -> [n, F]
+        return (u * u) @ self.w_down  # [n, F] @ [F, E] -> [n, E]
+
+
+class NemotronHModel(Model):
+    def __init__(self, config: ModelConfig, tensors: dict[str, np.ndarray], tokenizer: Tokenizer, backend: Backend):
+        self.config, self.tokenizer, self.backend = config, tokenizer, backend
+        raw, c = config.extra, config
+        w = Weights(tensors, backend)
+        # checkpoints name the stack "backbone"; transformers 5 calls it "model" in memory
+        self.prefix = "backbone." if "backbone.embeddings.weight" in tensors else "model."
+        embedding = w.get(self.prefix + "embeddings.weight", (c.vocab_size, c.hidden_size))
+        self.embedding = w.put(embedding)
+        tied = c.tie_word_embeddings or "lm_head.weight" not in tensors
+        self.lm_head_t = w.put((embedding if tied else w.get("lm_head.weight", (c.vocab_size, c.hidden_size))).T)
+        self.final_norm = w.put(w.get(self.prefix + "norm_f.weight", (c.hidden_size,)))
+        self.types = block_types(raw, c.n_layers)
+        if "moe" in self.types:
+            raise UnknownArchitecture("Nemotron-H mixture-of-experts layers ('E') are not supported yet")
+        self.dims = Mamba2Dims(
+            n_heads=int(raw["mamba_num_heads"]),
+            head_width=int(raw["mamba_head_dim"]),
+            groups=int(raw["n_groups"]),
+            n_state=int(raw["ssm_state_size"]),
+            conv_k=int(raw["conv_kernel"]),
+            eps=c.rms_norm_eps,
+            dt_limit=(float(raw["time_step_min"]), float("inf")),
+        )
+        self.norms = [w.put(w.get(f"{self.prefix}layers.{i}.norm.weight", (c.hidden_size,))) for i in range(c.n_layers)]
+        self.mixers = [self._mixer(w, i, t) for i, t in enumerate(self.types)]
+        self.scale = c.head_dim**-0.5
+
+    def _mixer(self, w: Weights, i: int, kind: str) -> Any:
+        c = self.config
+        m, e = f"{self.prefix}layers.{i}.mixer.", c.hidden_size
+        if kind == "mamba":
+            return Mamba2Mixer.load(w, m, e, self.dims)
+        if kind == "mlp":
+            f = c.intermediate_size
+            return SquaredReluMLP(
+                w.put(w.get(m + "up_proj.weight", (f, e)).T), w.put(w.get(m + "down_proj.weight", (e, f)).T)
+            )
+        q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        qkv = [w.get(m + f"{n}_proj.weight", (d, e)) for n, d in (("q", q_dim), ("k", kv_dim), ("v", kv_dim))]
+        return (w.put(np.concatenate(qkv).T), w.put(w.get(m + "o_proj.weight", (e, q_dim)).T))  # [E, ...], [H*D, E]
+
+    def memory_spec(self) -> MemorySpec:
+        c = self.config
+        layers = []
+        for kind, mixer in zip(self.types, self.mixers, strict=True):
+            if kind == "mamba":
+                layers.append(mixer.state_spec)
+            else:
+                layers.append(AttentionSpec(c.n_kv_heads, c.head_dim) if kind == "attention" else None)
+        return MemorySpec(tuple(layers), model=c.name or c.architecture)
+
+    def embed(self, tokens: np.ndarray) -> Any:
+        return self.embedding[self.backend.index(tokens)]
+
+    def block(self, layer: int, x: Any, ub: MicroBatch, shared: Any) -> Any:
+        c, kind, mixer = self.config, self.types[layer], self.mixers[layer]
+        h = rms_norm(x, self.norms[layer], c.rms_norm_eps)
+        if kind == "mlp":
+            return x + mixer(h)
+        if kind == "mamba":
+            s, t = len(ub.seqs), ub.n_seq_tokens
+            assert t is not None, "recurrent layers run on equal-split micro-batches"
+            out, conv_state, ssm_state = mixer(h.reshape(s, t, -1), *ub.state(layer))  # rows as [S, T, E]
+            ub.store_state(layer, conv_state, ssm_state)
+            return x + out.reshape(x.shape)
+        w_qkv, wo = mixer
+        n, q_dim, kv_dim = x.shape[0], c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        qkv = h @ w_qkv  # [n, E] @ [E, (H+2Hkv)*D] -> [n, (H+2Hkv)*D]
+        q = qkv[:, :q_dim].reshape(n, c.n_heads, c.head_dim)  # [n, H, D]
+        k = qkv[:, q_dim : q_dim + kv_dim].reshape(n, c.n_kv_heads, c.head_dim)  # [n, Hkv, D]
+        v = qkv[:, q_dim + kv_dim :].reshape(n, c.n_kv_heads, c.head_dim)  # [n, Hkv, D]
+        ub.store_kv(layer, k, v)
+        o = attend(q, ub, layer, self.scale)  # [n, H, D]
+        return x + o.reshape(n, -1) @ wo  # [n, H*D] @ [H*D, E] -> [n, E]
+
+    def head(self, x: Any) -> Any:
+        return rms_norm(x, self.final_norm, self.config.rms_norm_eps) @ self.lm_head_t
