@@ -139,6 +139,23 @@ def nemotron_h(kind: str) -> Any:
     )  # fmt: skip
 
 
+def falcon_h1(kind: str) -> Any:
+    from transformers import FalconH1Config
+
+    common = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, mamba_d_ssm=128, mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=2,
+        mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=8, rms_norm_eps=1e-5,
+        eos_token_id=0, bos_token_id=0, pad_token_id=0, initializer_range=0.2,
+        embedding_multiplier=1.5, lm_head_multiplier=0.7, key_multiplier=0.8, attention_in_multiplier=1.2,
+        attention_out_multiplier=0.9, ssm_in_multiplier=1.1, ssm_out_multiplier=0.6, mlp_multipliers=[0.9, 1.3],
+        ssm_multipliers=[1.1, 0.9, 1.2, 0.8, 1.05],
+    )  # fmt: skip
+    if kind == "falcon_h1":  # the gated group norm, gate after the norm
+        return FalconH1Config(**common, mamba_rms_norm=True, mamba_norm_before_gate=True)
+    return FalconH1Config(**common, mamba_rms_norm=False)  # falcon_h1_plain: only the gate
+
+
 FIXTURES = {
     "llama": llama_family,
     "llama_tied": llama_family,
@@ -152,6 +169,8 @@ FIXTURES = {
     "jamba": jamba,
     "granitemoehybrid": granite,
     "nemotron_h": nemotron_h,
+    "falcon_h1": falcon_h1,
+    "falcon_h1_plain": falcon_h1,
 }
 
 
@@ -170,7 +189,9 @@ def build(name: str, seed: int) -> None:
         for pname, p in model.named_parameters():
             if pname.endswith(".bias"):
                 p.normal_(0.0, 0.2)
-            elif "norm" in pname and name.startswith(("gemma", "mamba", "bamba", "jamba", "granite", "nemotron")):
+            elif "norm" in pname and name.startswith(
+                ("gemma", "mamba", "bamba", "jamba", "granite", "nemotron", "falcon")
+            ):
                 p.normal_(0.0 if name.startswith("gemma") else 1.0, 0.3)  # w = 0 (Gemma: 1 + w) would hide bugs
     model.save_pretrained(folder, safe_serialization=True)
     ids = tok.encode(PROMPT).ids

@@ -36,11 +36,17 @@ class Model(ABC):
         """Re-rotate stored keys when positions move; None for models without positional keys."""
         return None
 
+    def memory_layers(self, layers: range) -> list[int]:
+        """The memory layers that model layers `layers` use: the same ids, unless a model layer
+        keeps two kinds of state (Falcon-H1 runs attention and a state space mixer side by side)."""
+        return list(layers)
+
     def create_memory(self, n_ctx: int, n_seq_max: int, n_ubatch: int = 512, layers: range | None = None) -> Memory:
+        """Memory for the whole model, or for the model layers `layers` of a pipeline shard."""
         has_shift = type(self).k_shift is not Model.k_shift
         return create_memory(
             self.memory_spec(), n_ctx=n_ctx, n_seq_max=n_seq_max, n_ubatch=n_ubatch,
-            layers=None if layers is None else list(layers), backend=self.backend.name,
+            layers=None if layers is None else self.memory_layers(layers), backend=self.backend.name,
             k_shift=self.k_shift if has_shift else None,
         )  # fmt: skip
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import numpy as np
 
 from statemesh.memory import Backend
+from statemesh.worker.architectures.falcon_h1 import FalconH1Model
 from statemesh.worker.architectures.gemma import GemmaModel
 from statemesh.worker.architectures.hybrid import HybridModel
 from statemesh.worker.architectures.llama import LlamaModel
@@ -30,4 +31,5 @@ ARCHITECTURES: dict[str, Constructor] = {
     "jamba": HybridModel,
     "granitemoehybrid": HybridModel,
     "nemotron_h": NemotronHModel,
+    "falcon_h1": FalconH1Model,
 }

@@ -52,13 +52,16 @@ def causal_conv(x: Any, state: Any, w: Any, b: Any | None) -> tuple[Any, Any]:
     return out, xp.ascontiguousarray(inputs[:, t:, :].transpose(0, 2, 1))  # last K-1 inputs: [S, C, K-1]
 
 
-def gated_rms_norm(y: Any, z: Any, w: Any, groups: int, eps: float) -> Any:
-    """rmsnorm(y * silu(z)) over each of `groups` equal slices of the last axis, times w."""
+def gated_rms_norm(y: Any, z: Any, w: Any, groups: int, eps: float, norm_before_gate: bool = False) -> Any:
+    """RMSNorm over each of `groups` equal slices of the last axis, times w, gated by silu(z): the
+    gate is applied before the norm (Mamba-2's default) or after it (`norm_before_gate`)."""
     xp = xp_of(y)
     shape = y.shape
-    g = (y * silu(z)).reshape(*shape[:-1], groups, shape[-1] // groups)  # [..., G, I/G]
+    g = y if norm_before_gate else y * silu(z)
+    g = g.reshape(*shape[:-1], groups, shape[-1] // groups)  # [..., G, I/G]
     mean_square = (g * g).mean(axis=-1, keepdims=True)
-    return (g / xp.sqrt(mean_square + xp.float32(eps))).reshape(shape) * w
+    out = (g / xp.sqrt(mean_square + xp.float32(eps))).reshape(shape) * w
+    return out * silu(z) if norm_before_gate else out
 
 
 def _optional(w: Weights, name: str, shape: tuple[int, ...]) -> Any | None:
@@ -165,23 +168,41 @@ class Mamba2Mixer:
     dt_bias: Any  # [H]
     a: Any  # [H] = -exp(A_log)
     d: Any  # [H]
-    gate_norm: Any  # [I]
+    gate_norm: Any | None  # [I]; None: the output is only gated, y * silu(z) (Falcon-H1 may do that)
     w_out: Any  # [I, E]
+    b_in: Any | None = None  # [I + C + H]
+    b_out: Any | None = None  # [E]
+    norm_before_gate: bool = False
 
     @staticmethod
-    def load(w: Weights, m: str, hidden: int, dims: Mamba2Dims) -> Mamba2Mixer:
+    def load(
+        w: Weights,
+        m: str,
+        hidden: int,
+        dims: Mamba2Dims,
+        norm: bool = True,
+        norm_before_gate: bool = False,
+        in_scale: np.ndarray | None = None,
+    ) -> Mamba2Mixer:
+        """`in_scale` [I + C + H] multiplies each output of in_proj (Falcon-H1's muP vector: one
+        factor for z, x, B, C and dt each), folded into the weights here."""
         e, i, h, k, c = hidden, dims.inner, dims.n_heads, dims.conv_k, dims.conv_channels
+        scale = np.ones(i + c + h, dtype=np.float32) if in_scale is None else in_scale
+        b_in = w.get(m + "in_proj.bias", (i + c + h,)) * scale if m + "in_proj.bias" in w.tensors else None
         return Mamba2Mixer(
             dims=dims,
-            w_in=w.put(w.get(m + "in_proj.weight", (i + c + h, e)).T),
+            w_in=w.put(w.get(m + "in_proj.weight", (i + c + h, e)).T * scale),
             conv_w=w.put(w.get(m + "conv1d.weight", (c, 1, k))[:, 0, :]),
             conv_b=_optional(w, m + "conv1d.bias", (c,)),
             dt_bias=w.put(w.get(m + "dt_bias", (h,))),
             a=w.put(-np.exp(w.get(m + "A_log", (h,)))),
             d=w.put(w.get(m + "D", (h,))),
-            gate_norm=w.put(w.get(m + "norm.weight", (i,))),
+            gate_norm=w.put(w.get(m + "norm.weight", (i,))) if norm else None,
             w_out=w.put(w.get(m + "out_proj.weight", (e, i)).T),
-        )
+            b_in=None if b_in is None else w.put(b_in),
+            b_out=_optional(w, m + "out_proj.bias", (e,)),
+            norm_before_gate=norm_before_gate,
+        )  # fmt: skip
 
     @property
     def state_spec(self) -> RecurrentSpec:
@@ -194,6 +215,8 @@ class Mamba2Mixer:
         i, c_dim, g, n = d.inner, d.conv_channels, d.groups, d.n_state
         s, t = h.shape[0], h.shape[1]
         proj = h @ self.w_in  # [S, T, E] @ [E, I + C + H] -> [S, T, I + C + H]
+        if self.b_in is not None:
+            proj = proj + self.b_in
         z, xbc, dt = proj[..., :i], proj[..., i : i + c_dim], proj[..., i + c_dim :]
         xbc, conv_state = causal_conv(xbc, conv_state, self.conv_w, self.conv_b)
         xbc = silu(xbc)
@@ -209,5 +232,10 @@ class Mamba2Mixer:
             ssm_state = ssm_state * decay[:, step, :, None, None] + inflow
             ys.append(xp.einsum("shpn,shn->shp", ssm_state, c[:, step]))  # [S, H, P]
         y = xp.stack(ys, axis=1) + x * self.d[:, None]  # [S, T, H, P]
-        y = gated_rms_norm(y.reshape(s, t, i), z, self.gate_norm, g, d.eps)
-        return y @ self.w_out, conv_state, ssm_state  # [S, T, I] @ [I, E] -> [S, T, E]
+        y = y.reshape(s, t, i)
+        if self.gate_norm is None:
+            y = y * silu(z)
+        else:
+            y = gated_rms_norm(y, z, self.gate_norm, g, d.eps, self.norm_before_gate)
+        out = y @ self.w_out  # [S, T, I] @ [I, E] -> [S, T, E]
+        return (out if self.b_out is None else out + self.b_out), conv_state, ssm_state

@@ -1,0 +1,155 @@
+"""Falcon-H1: attention and a Mamba-2 mixer side by side in every layer, with muP multipliers.
+
+Per layer, top to bottom:
+    h = rmsnorm(x) * w_in_norm
+    x = x + m_ssm_out * mamba2(m_ssm_in * h)            in_proj outputs scaled per section (muP)
+          + m_attn_out * attention(m_attn_in * h)        keys scaled by m_key, RoPE on q and k
+    h = rmsnorm(x) * w_mlp_norm
+    x = x + m_down * ((silu(m_gate * h Wgate) * (h Wup)) Wdown)
+Embeddings are scaled by m_embed and logits by m_lm_head.
+
+Each model layer keeps two kinds of state, so it uses two memory layers: 2i for its KV cache and
+2i + 1 for its recurrent state (`memory_layers`).
+
+Symbols: n rows, E hidden size, H / Hkv heads, D head dim, F intermediate size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from statemesh.memory import AttentionSpec, Backend, MemorySpec, MicroBatch
+from statemesh.worker.architectures.ssm import Mamba2Dims, Mamba2Mixer, json_float
+from statemesh.worker.attention import attend
+from statemesh.worker.config import ModelConfig
+from statemesh.worker.model import Model
+from statemesh.worker.nn import Weights, rms_norm, silu
+from statemesh.worker.rope import Rope
+from statemesh.worker.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class FalconH1Layer:
+    norm_in: Any  # [E]
+    mamba: Mamba2Mixer
+    w_qkv: Any  # [E, (H + 2*Hkv)*D]
+    wo: Any  # [H*D, E]
+    norm_mlp: Any  # [E]
+    w_gate: Any  # [E, F]
+    w_up: Any  # [E, F]
+    w_down: Any  # [F, E]
+
+
+def mup_vector(raw: dict[str, Any], dims: Mamba2Dims) -> np.ndarray:
+    """One multiplier per in_proj output: z, x, B, C, dt sections (config.ssm_multipliers)."""
+    i, gn, h = dims.inner, dims.groups * dims.n_state, dims.n_heads
+    sizes = [i, i, gn, gn, h]
+    factors = [float(m) for m in raw.get("ssm_multipliers", [1.0] * 5)]
+    return np.concatenate([np.full(n, f, dtype=np.float32) for n, f in zip(sizes, factors, strict=True)])
+
+
+class FalconH1Model(Model):
+    def __init__(self, config: ModelConfig, tensors: dict[str, np.ndarray], tokenizer: Tokenizer, backend: Backend):
+        self.config, self.tokenizer, self.backend = config, tokenizer, backend
+        raw, c = config.extra, config
+        w = Weights(tensors, backend)
+        embedding = w.get("model.embed_tokens.weight", (c.vocab_size, c.hidden_size))
+        self.embedding = w.put(embedding)
+        tied = c.tie_word_embeddings or "lm_head.weight" not in tensors
+        self.lm_head_t = w.put((embedding if tied else w.get("lm_head.weight", (c.vocab_size, c.hidden_size))).T)
+        self.final_norm = w.put(w.get("model.final_layernorm.weight", (c.hidden_size,)))
+        self.m = {
+            name: np.float32(raw.get(name, 1.0))
+            for name in ("embedding_multiplier", "lm_head_multiplier", "key_multiplier", "attention_in_multiplier",
+                         "attention_out_multiplier", "ssm_in_multiplier", "ssm_out_multiplier")
+        }  # fmt: skip
+        self.m_gate, self.m_down = (np.float32(v) for v in raw.get("mlp_multipliers", [1.0, 1.0]))
+        low, high = raw.get("time_step_limit", (0.0, float("inf")))
+        inner = int(raw.get("mamba_d_ssm") or int(raw["mamba_expand"] * c.hidden_size))
+        self.dims = Mamba2Dims(
+            n_heads=int(raw["mamba_n_heads"]),
+            head_width=inner // int(raw["mamba_n_heads"]),
+            groups=int(raw["mamba_n_groups"]),
+            n_state=int(raw["mamba_d_state"]),
+            conv_k=int(raw["mamba_d_conv"]),
+            eps=c.rms_norm_eps,
+            dt_limit=(json_float(low), json_float(high)),
+        )
+        mup = mup_vector(raw, self.dims)
+        self.layers = [self._layer(w, raw, i, mup) for i in range(c.n_layers)]
+        self.rope = Rope.build(c.head_dim, c.rope_theta, c.rope_scaling)
+        self.scale = c.head_dim**-0.5
+
+    def _layer(self, w: Weights, raw: dict[str, Any], i: int, mup: np.ndarray) -> FalconH1Layer:
+        c = self.config
+        p = f"model.layers.{i}."
+        e, f = c.hidden_size, c.intermediate_size
+        q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        qkv = [w.get(p + f"self_attn.{n}_proj.weight", (d, e)) for n, d in (("q", q_dim), ("k", kv_dim), ("v", kv_dim))]
+        mamba = Mamba2Mixer.load(
+            w, p + "mamba.", e, self.dims, norm=bool(raw.get("mamba_rms_norm", False)),
+            norm_before_gate=bool(raw.get("mamba_norm_before_gate", True)), in_scale=mup,
+        )  # fmt: skip
+        return FalconH1Layer(
+            norm_in=w.put(w.get(p + "input_layernorm.weight", (e,))),
+            mamba=mamba,
+            w_qkv=w.put(np.concatenate(qkv).T),
+            wo=w.put(w.get(p + "self_attn.o_proj.weight", (e, q_dim)).T),
+            norm_mlp=w.put(w.get(p + "pre_ff_layernorm.weight", (e,))),
+            w_gate=w.put(w.get(p + "feed_forward.gate_proj.weight", (f, e)).T),
+            w_up=w.put(w.get(p + "feed_forward.up_proj.weight", (f, e)).T),
+            w_down=w.put(w.get(p + "feed_forward.down_proj.weight", (e, f)).T),
+        )
+
+    def memory_layers(self, layers: range) -> list[int]:
+        return [m for i in layers for m in (2 * i, 2 * i + 1)]
+
+    def memory_spec(self) -> MemorySpec:
+        c = self.config
+        attention = AttentionSpec(c.n_kv_heads, c.head_dim)
+        layers = [spec for layer in self.layers for spec in (attention, layer.mamba.state_spec)]
+        return MemorySpec(tuple(layers), model=c.name or c.architecture)
+
+    def k_shift(self, layer: int, k: Any, delta: Any) -> Any:
+        return self.rope.k_shift(layer, k, delta)
+
+    def embed(self, tokens: np.ndarray) -> Any:
+        return self.embedding[self.backend.index(tokens)] * self.m["embedding_multiplier"]
+
+    def prepare(self, ub: MicroBatch) -> tuple[Any, Any]:
+        return self.rope.cos_sin(ub.positions, self.backend.xp)
+
+    def block(self, layer: int, x: Any, ub: MicroBatch, shared: Any) -> Any:
+        c, w, m = self.config, self.layers[layer], self.m
+        kv_layer, state_layer = 2 * layer, 2 * layer + 1
+        h = rms_norm(x, w.norm_in, c.rms_norm_eps)
+        s, t = len(ub.seqs), ub.n_seq_tokens
+        assert t is not None, "recurrent layers run on equal-split micro-batches"
+        ssm_in = (h * m["ssm_in_multiplier"]).reshape(s, t, -1)  # rows as [S, T, E]
+        ssm_out, conv_state, ssm_state = w.mamba(ssm_in, *ub.state(state_layer))
+        ub.store_state(state_layer, conv_state, ssm_state)
+        attn_out = self._attention(kv_layer, w, h * m["attention_in_multiplier"], ub, shared)
+        x = x + ssm_out.reshape(x.shape) * m["ssm_out_multiplier"] + attn_out * m["attention_out_multiplier"]
+        h = rms_norm(x, w.norm_mlp, c.rms_norm_eps)
+        y = silu((h @ w.w_gate) * self.m_gate) * (h @ w.w_up)  # [n, F]
+        return x + (y @ w.w_down) * self.m_down  # [n, F] @ [F, E] -> [n, E]
+
+    def _attention(self, kv_layer: int, w: FalconH1Layer, h: Any, ub: MicroBatch, shared: Any) -> Any:
+        c = self.config
+        n, q_dim, kv_dim = h.shape[0], c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        qkv = h @ w.w_qkv  # [n, E] @ [E, (H+2Hkv)*D] -> [n, (H+2Hkv)*D]
+        q = qkv[:, :q_dim].reshape(n, c.n_heads, c.head_dim)  # [n, H, D]
+        k = qkv[:, q_dim : q_dim + kv_dim].reshape(n, c.n_kv_heads, c.head_dim) * self.m["key_multiplier"]
+        v = qkv[:, q_dim + kv_dim :].reshape(n, c.n_kv_heads, c.head_dim)  # [n, Hkv, D]
+        cos, sin = shared
+        q, k = self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin)
+        ub.store_kv(kv_layer, k, v)
+        o = attend(q, ub, kv_layer, self.scale)  # [n, H, D]
+        return o.reshape(n, -1) @ w.wo  # [n, H*D] @ [H*D, E] -> [n, E]
+
+    def head(self, x: Any) -> Any:
+        logits = rms_norm(x, self.final_norm, self.config.rms_norm_eps) @ self.lm_head_t
+        return logits * self.m["lm_head_multiplier"]
