@@ -18,7 +18,8 @@ from safetensors.numpy import load_file, save_file
 from statemesh.memory import Batch
 from statemesh.worker import Model, load_model
 
-FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "llama"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+FIXTURE = FIXTURES / "llama"
 HF_TO_GGUF = {
     "model.embed_tokens.weight": "token_embd.weight",
     "model.norm.weight": "output_norm.weight",
@@ -29,6 +30,9 @@ LAYER = {
     "self_attn.q_proj.weight": "attn_q.weight",
     "self_attn.k_proj.weight": "attn_k.weight",
     "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
     "self_attn.o_proj.weight": "attn_output.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
     "mlp.gate_proj.weight": "ffn_gate.weight",
@@ -62,11 +66,20 @@ def crafted_k_quant(shape: tuple[int, ...], qtype: Q, rng: np.random.Generator) 
     return rows.reshape(shape[0], -1)
 
 
-def write_pair(folder: Path, tensors: dict[str, np.ndarray], config: dict, qtype: Q, tmp: Path) -> tuple[Path, Path]:  # type: ignore[type-arg]
-    """A GGUF with the matrices stored as `qtype`, and a HF folder holding what that GGUF decodes to."""
+def write_pair(
+    folder: Path,
+    tensors: dict[str, np.ndarray],
+    config: dict,
+    qtype: Q,
+    tmp: Path,
+    arch: str = "llama",  # type: ignore[type-arg]
+) -> tuple[Path, Path]:
+    """A GGUF with the matrices stored as `qtype`, and a HF folder holding what that GGUF decodes to.
+    llama.cpp permutes Q/K for "llama" (its adjacent-pair RoPE), not for "qwen2" (NeoX pairs)."""
     rng = np.random.default_rng(7)
-    path = tmp / f"model-{qtype.name}.gguf"
-    writer = gguf.GGUFWriter(str(path), "llama")
+    path = tmp / f"model-{arch}-{qtype.name}.gguf"
+    writer = gguf.GGUFWriter(str(path), arch)
+    permuted = arch == "llama"
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
@@ -88,9 +101,9 @@ def write_pair(folder: Path, tensors: dict[str, np.ndarray], config: dict, qtype
     decoded = {}
     for name, w in tensors.items():
         stored = w
-        if name.endswith("q_proj.weight"):
+        if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
             stored = permute(w, config["num_attention_heads"])
-        elif name.endswith("k_proj.weight"):
+        elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
             stored = permute(w, config["num_key_value_heads"])
         if w.ndim == 1 or qtype == Q.F32:
             writer.add_tensor(gguf_name(name), stored.astype(np.float32))
@@ -143,16 +156,19 @@ def random_llama(tmp: Path) -> tuple[Path, dict[str, np.ndarray], dict]:  # type
     return folder, tensors, config
 
 
-def test_f32_gguf_matches_the_transformers_reference(tmp_path: Path) -> None:
-    config = json.loads((FIXTURE / "config.json").read_text())
-    tensors = load_file(str(FIXTURE / "model.safetensors"))
-    path, _ = write_pair(FIXTURE, tensors, config, Q.F32, tmp_path)
-    expected = load_file(str(FIXTURE / "expected.safetensors"))
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_f32_gguf_matches_the_transformers_reference(tmp_path: Path, arch: str) -> None:
+    folder = FIXTURES / arch
+    config = json.loads((folder / "config.json").read_text())
+    tensors = load_file(str(folder / "model.safetensors"))
+    path, _ = write_pair(folder, tensors, config, Q.F32, tmp_path, arch)
+    expected = load_file(str(folder / "expected.safetensors"))
     model = load_model(path, backend="numpy", progress=False)
+    assert model.config.architecture == arch and model.config.attention_bias == (arch == "qwen2")
     ids = expected["prompt_ids"].tolist()
     assert model.tokenizer.encode(model.tokenizer.decode(ids)) == ids
     got = logits(model, ids)
-    hf = logits(load_model(FIXTURE, backend="numpy", progress=False), ids)
+    hf = logits(load_model(folder, backend="numpy", progress=False), ids)
     np.testing.assert_allclose(got, hf, rtol=0, atol=1e-5 * np.abs(hf).max())
     assert np.abs(got - expected["prompt_logits"]).max() / np.abs(expected["prompt_logits"]).max() < 2e-3
 
