@@ -172,3 +172,22 @@ def test_a_missing_path_says_what_to_give(tmp_path: Path) -> None:
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
     with pytest.raises(ModelError, match="not a readable GGUF"):
         load_model(tmp_path / "junk.gguf")
+
+
+def test_moving_positions_re_rotates_keys_as_if_computed_there(case) -> None:  # type: ignore[no-untyped-def]
+    """seq_add through the model's k_shift: a prompt prefilled at 0.. and moved by +5 continues as
+    one prefilled at 5.. does (RoPE keys re-rotated; states do not depend on positions)."""
+    model, expected = case
+    ids = expected["prompt_ids"].tolist()
+    moved = model.create_memory(n_ctx=64, n_seq_max=1)
+    if not moved.can_shift:
+        pytest.skip("windowed caches cannot move positions (cells that left a window are gone)")
+    prefill(model, moved, ids)
+    moved.seq_add(0, None, None, 5)
+    assert moved.seq_pos_max(0) == len(ids) + 4
+    there = model.create_memory(n_ctx=64, n_seq_max=1)
+    prefill(model, there, ids, start=5)
+    token = int(expected["greedy_ids"][0])
+    a = prefill(model, moved, [token], start=len(ids) + 5)
+    b = prefill(model, there, [token], start=len(ids) + 5)
+    assert relative_error(a, b) < 1e-4
