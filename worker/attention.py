@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from statemesh.memory import MicroBatch
+from statemesh.worker.nn import xp_of
 
 
 def attend(
@@ -26,7 +27,7 @@ def attend(
 ) -> Any:
     """q [n, H, D] for the rows of `ub` -> attention output [n, H, Dv], every row over its own
     sequence's keys (which `ub.store_kv` has already written for this micro-batch)."""
-    xp = np if isinstance(q, np.ndarray) else __import__("cupy")
+    xp = xp_of(q)
     n, n_heads, _ = q.shape
     out = None
     for seq in ub.seqs:

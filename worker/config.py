@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from statemesh.worker.errors import ModelError
+from statemesh.worker.errors import ModelError, UnknownArchitecture
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,6 @@ HF_ARCHITECTURES = {
 
 def config_from_hf(raw: dict[str, Any], name: str = "") -> ModelConfig:
     """A `config.json` as a ModelConfig; UnknownArchitecture names what is supported."""
-    from statemesh.worker.errors import UnknownArchitecture
-
     archs = raw.get("architectures") or []
     family = next((HF_ARCHITECTURES[a] for a in archs if a in HF_ARCHITECTURES), None)
     if family is None:
@@ -91,8 +89,6 @@ def config_from_hf(raw: dict[str, Any], name: str = "") -> ModelConfig:
 
 def _n_layers(raw: dict[str, Any]) -> int:
     """num_hidden_layers, or the length of a per-layer type list (Nemotron-H saves only that)."""
-    from statemesh.worker.errors import ModelError
-
     n = raw.get("num_hidden_layers") or len(raw.get("layers_block_type") or raw.get("hybrid_override_pattern") or "")
     if not n:
         raise ModelError("config.json gives neither num_hidden_layers nor a per-layer type list")

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from statemesh.worker.errors import ModelError
+from statemesh.worker.nn import xp_of
 
 
 @dataclass(frozen=True)
@@ -52,18 +53,14 @@ class Rope:
         rotated = [x1 * c - x2 * s, x2 * c + x1 * s]
         if self.rotary_dim < x.shape[-1]:
             rotated.append(x[..., self.rotary_dim :])
-        xp = _xp_of(x)
+        xp = xp_of(x)
         return xp.concatenate(rotated, axis=-1)
 
     def k_shift(self, layer: int, k: Any, delta: Any) -> Any:
         """Re-rotate stored keys [n, Hkv, D] whose positions moved by delta [n]."""
-        xp = _xp_of(k)
+        xp = xp_of(k)
         cos, sin = self.cos_sin(xp.asnumpy(delta) if xp is not np else delta, xp)
         return self.apply(k, cos, sin)
-
-
-def _xp_of(x: Any) -> Any:
-    return np if isinstance(x, np.ndarray) else __import__("cupy")
 
 
 def _llama3(inv_freq: np.ndarray, s: dict[str, Any]) -> np.ndarray:
