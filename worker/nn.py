@@ -62,6 +62,24 @@ class Weights:
     def put(self, t: np.ndarray) -> Any:
         return self.backend.asarray(np.ascontiguousarray(t, dtype=np.float32))
 
+    def embedding_and_head(self, name: str, vocab: int, hidden: int, tied: bool) -> tuple[Any, Any]:
+        """(embedding [V, E], lm_head transposed [E, V]). The head is the embedding when the config
+        ties them or the checkpoint has no lm_head.weight; either way it gets its own contiguous
+        [E, V] copy, because a matrix-vector product over it is faster than over a transposed view."""
+        embedding = self.get(name, (vocab, hidden))
+        head = (
+            embedding if tied or "lm_head.weight" not in self.tensors else self.get("lm_head.weight", (vocab, hidden))
+        )
+        return self.put(embedding), self.put(head.T)
+
+    def qkv(self, prefix: str, hidden: int, q_dim: int, kv_dim: int, kind: str = "weight") -> Any:
+        """q, k and v projections side by side, [E, q + 2 kv] (`kind="bias"`: [q + 2 kv]): one
+        matmul instead of three. Names are prefix + "q_proj.weight" and so on."""
+        parts = [(n, d) for n, d in (("q", q_dim), ("k", kv_dim), ("v", kv_dim))]
+        if kind == "bias":
+            return self.put(np.concatenate([self.get(prefix + f"{n}_proj.bias", (d,)) for n, d in parts]))
+        return self.put(np.concatenate([self.get(prefix + f"{n}_proj.weight", (d, hidden)) for n, d in parts]).T)
+
 
 class DenseMLP:
     """x -> (silu(x Wgate) * (x Wup)) Wdown, with gate and up side by side: w_gate_up [E, 2F]."""

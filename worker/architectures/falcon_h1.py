@@ -56,10 +56,9 @@ class FalconH1Model(Model):
         self.config, self.tokenizer, self.backend = config, tokenizer, backend
         raw, c = config.extra, config
         w = Weights(tensors, backend)
-        embedding = w.get("model.embed_tokens.weight", (c.vocab_size, c.hidden_size))
-        self.embedding = w.put(embedding)
-        tied = c.tie_word_embeddings or "lm_head.weight" not in tensors
-        self.lm_head_t = w.put((embedding if tied else w.get("lm_head.weight", (c.vocab_size, c.hidden_size))).T)
+        self.embedding, self.lm_head_t = w.embedding_and_head(
+            "model.embed_tokens.weight", c.vocab_size, c.hidden_size, c.tie_word_embeddings
+        )
         self.final_norm = w.put(w.get("model.final_layernorm.weight", (c.hidden_size,)))
         self.m = {
             name: np.float32(raw.get(name, 1.0))
@@ -88,7 +87,6 @@ class FalconH1Model(Model):
         p = f"model.layers.{i}."
         e, f = c.hidden_size, c.intermediate_size
         q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-        qkv = [w.get(p + f"self_attn.{n}_proj.weight", (d, e)) for n, d in (("q", q_dim), ("k", kv_dim), ("v", kv_dim))]
         mamba = Mamba2Mixer.load(
             w, p + "mamba.", e, self.dims, norm=bool(raw.get("mamba_rms_norm", False)),
             norm_before_gate=bool(raw.get("mamba_norm_before_gate", True)), in_scale=mup,
@@ -96,7 +94,7 @@ class FalconH1Model(Model):
         return FalconH1Layer(
             norm_in=w.put(w.get(p + "input_layernorm.weight", (e,))),
             mamba=mamba,
-            w_qkv=w.put(np.concatenate(qkv).T),
+            w_qkv=w.qkv(p + "self_attn.", e, q_dim, kv_dim),
             wo=w.put(w.get(p + "self_attn.o_proj.weight", (e, q_dim)).T),
             norm_mlp=w.put(w.get(p + "pre_ff_layernorm.weight", (e,))),
             w_gate=w.put(w.get(p + "feed_forward.gate_proj.weight", (f, e)).T),

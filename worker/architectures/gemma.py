@@ -69,9 +69,9 @@ class GemmaModel(Model):
         self.embed_scale = np.float32(config.hidden_size**0.5)
         w = Weights(tensors, backend)
         c = config
-        embedding = w.get("model.embed_tokens.weight", (c.vocab_size, c.hidden_size))
-        self.embedding = w.put(embedding)
-        self.lm_head_t = w.put(embedding.T)  # tied: [E, V]
+        self.embedding, self.lm_head_t = w.embedding_and_head(  # Gemma ties them
+            "model.embed_tokens.weight", c.vocab_size, c.hidden_size, tied=True
+        )
         self.final_norm = w.put(w.get("model.norm.weight", (c.hidden_size,)))
         windows = layer_windows(raw, c.n_layers)
         self.layers = [self._layer(w, i, windows[i]) for i in range(c.n_layers)]
@@ -93,9 +93,6 @@ class GemmaModel(Model):
         p = f"model.layers.{i}."
         e, f, d = c.hidden_size, c.intermediate_size, c.head_dim
         q_dim, kv_dim = c.n_heads * d, c.n_kv_heads * d
-        qkv = [
-            w.get(p + f"self_attn.{n}_proj.weight", (dim, e)) for n, dim in (("q", q_dim), ("k", kv_dim), ("v", kv_dim))
-        ]
         gate_up = [w.get(p + f"mlp.{n}_proj.weight", (f, e)) for n in ("gate", "up")]
 
         def norm(name: str, size: int = e) -> Any:
@@ -104,7 +101,7 @@ class GemmaModel(Model):
         return GemmaLayer(
             window=window,
             norm_in=norm("input_layernorm.weight"),
-            w_qkv=w.put(np.concatenate(qkv).T),
+            w_qkv=w.qkv(p + "self_attn.", e, q_dim, kv_dim),
             q_norm=norm("self_attn.q_norm.weight", d) if self.is_gemma3 else None,
             k_norm=norm("self_attn.k_norm.weight", d) if self.is_gemma3 else None,
             wo=w.put(w.get(p + "self_attn.o_proj.weight", (e, q_dim)).T),

@@ -83,10 +83,9 @@ class HybridModel(Model):
         self.config, self.tokenizer, self.backend = config, tokenizer, backend
         raw, c = config.extra, config
         w = Weights(tensors, backend)
-        embedding = w.get("model.embed_tokens.weight", (c.vocab_size, c.hidden_size))
-        self.embedding = w.put(embedding)
-        tied = c.tie_word_embeddings or "lm_head.weight" not in tensors
-        self.lm_head_t = w.put((embedding if tied else w.get("lm_head.weight", (c.vocab_size, c.hidden_size))).T)
+        self.embedding, self.lm_head_t = w.embedding_and_head(
+            "model.embed_tokens.weight", c.vocab_size, c.hidden_size, c.tie_word_embeddings
+        )
         self.family = c.architecture
         self.names = FAMILIES[self.family]
         self.final_norm = w.put(w.get(self.names.final_norm, (c.hidden_size,)))
@@ -130,11 +129,9 @@ class HybridModel(Model):
         mixer: Mamba1Mixer | Mamba2Mixer | AttentionMixer
         if attends:
             q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-            qkv = [
-                w.get(p + f"self_attn.{n}_proj.weight", (d, e)) for n, d in (("q", q_dim), ("k", kv_dim), ("v", kv_dim))
-            ]
             mixer = AttentionMixer(
-                w_qkv=w.put(np.concatenate(qkv).T), wo=w.put(w.get(p + "self_attn.o_proj.weight", (e, q_dim)).T)
+                w_qkv=w.qkv(p + "self_attn.", e, q_dim, kv_dim),
+                wo=w.put(w.get(p + "self_attn.o_proj.weight", (e, q_dim)).T),
             )
         else:
             mixer = self._state_mixer(w, raw, p + "mamba.")

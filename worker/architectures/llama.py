@@ -45,12 +45,10 @@ class LlamaModel(Model):
         self.backend = backend
         weights = Weights(tensors, backend)
         c = config
-        embedding = weights.get("model.embed_tokens.weight", (c.vocab_size, c.hidden_size))  # [V, E]
-        self.embedding = weights.put(embedding)
+        self.embedding, self.lm_head_t = weights.embedding_and_head(  # [V, E], [E, V]
+            "model.embed_tokens.weight", c.vocab_size, c.hidden_size, c.tie_word_embeddings
+        )
         self.final_norm = weights.put(weights.get("model.norm.weight", (c.hidden_size,)))
-        tied = c.tie_word_embeddings or "lm_head.weight" not in tensors
-        lm_head = embedding if tied else weights.get("lm_head.weight", (c.vocab_size, c.hidden_size))
-        self.lm_head_t = weights.put(lm_head.T)  # [E, V], its own contiguous copy: a faster matvec
         self.layers = [self._layer(weights, i) for i in range(c.n_layers)]
         self.rope = Rope.build(c.head_dim, c.rope_theta, c.rope_scaling)
         self.scale = c.head_dim**-0.5
@@ -62,14 +60,11 @@ class LlamaModel(Model):
         c = self.config
         p = f"model.layers.{i}."
         q_dim, kv_dim, e, f = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.hidden_size, c.intermediate_size
-        qkv = [("q", q_dim), ("k", kv_dim), ("v", kv_dim)]
-        w_qkv = [w.get(p + f"self_attn.{n}_proj.weight", (d, e)) for n, d in qkv]
-        b_qkv = [w.get(p + f"self_attn.{n}_proj.bias", (d,)) for n, d in qkv] if c.attention_bias else None
         gate_up = [w.get(p + f"mlp.{n}_proj.weight", (f, e)) for n in ("gate", "up")]
         return LlamaLayer(
             attn_norm=w.put(w.get(p + "input_layernorm.weight", (e,))),
-            w_qkv=w.put(np.concatenate(w_qkv).T),
-            b_qkv=None if b_qkv is None else w.put(np.concatenate(b_qkv)),
+            w_qkv=w.qkv(p + "self_attn.", e, q_dim, kv_dim),
+            b_qkv=w.qkv(p + "self_attn.", e, q_dim, kv_dim, kind="bias") if c.attention_bias else None,
             wo=w.put(w.get(p + "self_attn.o_proj.weight", (e, q_dim)).T),
             mlp_norm=w.put(w.get(p + "post_attention_layernorm.weight", (e,))),
             w_gate_up=w.put(np.concatenate(gate_up).T),

@@ -20,10 +20,9 @@ class MambaModel(Model):
         self.config, self.tokenizer, self.backend = config, tokenizer, backend
         raw, e = config.extra, config.hidden_size
         w = Weights(tensors, backend)
-        embedding = w.get("backbone.embeddings.weight", (config.vocab_size, e))
-        self.embedding = w.put(embedding)
-        tied = config.tie_word_embeddings or "lm_head.weight" not in tensors
-        self.lm_head_t = w.put((embedding if tied else w.get("lm_head.weight", (config.vocab_size, e))).T)
+        self.embedding, self.lm_head_t = w.embedding_and_head(
+            "backbone.embeddings.weight", config.vocab_size, e, config.tie_word_embeddings
+        )
         self.final_norm = w.put(w.get("backbone.norm_f.weight", (e,)))
         self.norms = [w.put(w.get(f"backbone.layers.{i}.norm.weight", (e,))) for i in range(config.n_layers)]
         self.mixers = [self._mixer(w, raw, f"backbone.layers.{i}.mixer.") for i in range(config.n_layers)]

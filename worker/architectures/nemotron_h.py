@@ -57,10 +57,9 @@ class NemotronHModel(Model):
         w = Weights(tensors, backend)
         # checkpoints name the stack "backbone"; transformers 5 calls it "model" in memory
         self.prefix = "backbone." if "backbone.embeddings.weight" in tensors else "model."
-        embedding = w.get(self.prefix + "embeddings.weight", (c.vocab_size, c.hidden_size))
-        self.embedding = w.put(embedding)
-        tied = c.tie_word_embeddings or "lm_head.weight" not in tensors
-        self.lm_head_t = w.put((embedding if tied else w.get("lm_head.weight", (c.vocab_size, c.hidden_size))).T)
+        self.embedding, self.lm_head_t = w.embedding_and_head(
+            self.prefix + "embeddings.weight", c.vocab_size, c.hidden_size, c.tie_word_embeddings
+        )
         self.final_norm = w.put(w.get(self.prefix + "norm_f.weight", (c.hidden_size,)))
         self.types = block_types(raw, c.n_layers)
         if "moe" in self.types:
@@ -89,8 +88,7 @@ class NemotronHModel(Model):
                 w.put(w.get(m + "up_proj.weight", (f, e)).T), w.put(w.get(m + "down_proj.weight", (e, f)).T)
             )
         q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-        qkv = [w.get(m + f"{n}_proj.weight", (d, e)) for n, d in (("q", q_dim), ("k", kv_dim), ("v", kv_dim))]
-        return (w.put(np.concatenate(qkv).T), w.put(w.get(m + "o_proj.weight", (e, q_dim)).T))  # [E, ...], [H*D, E]
+        return (w.qkv(m, e, q_dim, kv_dim), w.put(w.get(m + "o_proj.weight", (e, q_dim)).T))  # [E, ...], [H*D, E]
 
     def memory_spec(self) -> MemorySpec:
         c = self.config
