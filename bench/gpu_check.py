@@ -7,7 +7,10 @@
    side; after every step both must show the same sequences, spans and counters, and write the
    very same snapshot bytes (snapshots are device-independent). A CuPy snapshot is then restored
    into a NumPy memory and the other way round.
-2. `bench/memory.py --backend cupy`, whose JSON lines it passes through.
+2. Every reference fixture model (tests/fixtures/) on CuPy: its prompt logits must match the same
+   model on NumPy (relative error < 1e-4), and a decode step after a snapshot moved from the
+   device to the host must match too.
+3. `bench/memory.py --backend cupy`, whose JSON lines it passes through.
 
 `--device numpy` runs part 1 with NumPy on both sides: the test suite does that, so this script
 cannot rot on machines without a GPU. Exits non-zero on any mismatch, or when CuPy or a GPU is
@@ -178,6 +181,34 @@ def check_memory(device: str, steps: int) -> None:
                           "batches_committed": pair.committed, "ok": True}))  # fmt: skip
 
 
+def check_models(device: str) -> None:
+    from statemesh.worker import load_model
+
+    fixtures = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
+    ids = [5, 17, 42, 99, 100, 250, 7, 8, 9, 10, 11]
+    for folder in sorted(p for p in fixtures.iterdir() if (p / "config.json").is_file()):
+        host = load_model(folder, backend="numpy", progress=False)
+        dev = load_model(folder, backend=device, progress=False)
+        batch = Batch(list(range(len(ids))), [0] * len(ids), tokens=ids)
+        mem_host, mem_dev = host.create_memory(n_ctx=64, n_seq_max=2), dev.create_memory(n_ctx=64, n_seq_max=2)
+        ref = host.decode(mem_host, batch)
+        got = dev.backend.to_host(dev.decode(mem_dev, batch))
+        error = float(np.abs(got - ref).max() / np.abs(ref).max())
+        # the device's state continues on the host
+        mem_host.state_read(mem_dev.state_write(0), seq=1)
+        step = Batch([len(ids)], [1], tokens=[3])
+        moved = float(
+            np.abs(
+                host.decode(mem_host, step)
+                - dev.backend.to_host(dev.decode(mem_dev, Batch([len(ids)], [0], tokens=[3])))
+            ).max()
+        )
+        ok = error < 1e-4 and moved < 1e-3 * float(np.abs(ref).max())
+        print(json.dumps({"check": "model", "fixture": folder.name, "device": device, "rel_error": error, "ok": ok}))
+        if not ok:
+            raise Failed(f"{folder.name}: device logits differ from the host's (relative error {error})")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cupy", "numpy"], default="cupy")
@@ -188,6 +219,7 @@ def main() -> int:
         get_backend("cupy")  # BackendUnavailable with the reason when there is no usable GPU
     try:
         check_memory(args.device, args.steps)
+        check_models(args.device)
     except Failed as e:
         print(json.dumps({"check": "memory_mirror", "ok": False, "error": str(e)}))
         return 1

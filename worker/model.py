@@ -110,20 +110,22 @@ class Shard:
         out = None
         with mem.batch(batch, n_ubatch=n_ubatch) as plan:
             for ub in plan:
-                x = model.embed(tokens[ub.rows]) if self.is_first else hidden[ub.rows]
+                rows = model.backend.index(ub.rows)  # the micro-batch's rows, as the device indexes
+                x = model.embed(tokens[ub.rows]) if self.is_first else hidden[rows]
                 shared = model.prepare(ub)
                 for layer in range(self.first, self.end):
                     x = model.block(layer, x, ub, shared)
                 if not self.is_last:
                     if out is None:
                         out = xp.empty((batch.n_tokens, x.shape[1]), dtype=x.dtype)
-                    out[ub.rows] = x
+                    out[rows] = x
                     continue
                 if out is None:
                     out = xp.empty((int(wanted.sum()), model.config.vocab_size), dtype=xp.float32)
                 picked = wanted[ub.rows]
                 if picked.any():
-                    out[out_row[ub.rows[picked]]] = model.head(x[xp.asarray(picked)])
+                    wanted_rows = model.backend.index(out_row[ub.rows[picked]])
+                    out[wanted_rows] = model.head(x[model.backend.index(np.flatnonzero(picked))])
         return out
 
     def _checked_tokens(self, batch: Batch) -> np.ndarray:

@@ -27,5 +27,8 @@ def test_memory_benchmark_prints_every_measurement() -> None:
 
 def test_gpu_check_mirror_runs_on_numpy() -> None:
     lines = run_json_lines(str(BENCH / "gpu_check.py"), "--device", "numpy", "--no-bench", "--steps", "60")
-    assert [line["kind"] for line in lines] == ["kv", "iswa", "recurrent", "hybrid", "hybrid_iswa"]
-    assert all(line["ok"] and int(line["batches_committed"]) > 5 for line in lines)  # type: ignore[call-overload]
+    mirror = [line for line in lines if line["check"] == "memory_mirror"]
+    assert [line["kind"] for line in mirror] == ["kv", "iswa", "recurrent", "hybrid", "hybrid_iswa"]
+    assert all(line["ok"] and int(line["batches_committed"]) > 5 for line in mirror)  # type: ignore[call-overload]
+    models = [line for line in lines if line["check"] == "model"]
+    assert len(models) >= 10 and all(line["ok"] for line in models)
