@@ -1,0 +1,143 @@
+"""The engine: continuous batching gives each request what it would get alone; preemption resumes
+with identical output on every memory kind; stop strings, cancellation and refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from statemesh.worker import Model, default_model_path, load_model
+from statemesh.worker.engine import Engine, EngineConfig, Request, RequestRefused
+from statemesh.worker.sampling import InvalidSampling, SamplingParams
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def smollm() -> Model:
+    return load_model(default_model_path(), backend="numpy", progress=False)
+
+
+def tokens(events: list) -> list[int]:  # type: ignore[type-arg]
+    return [e.token for e in events]
+
+
+def prompts(model: Model, n: int) -> list[tuple[int, ...]]:
+    subjects = ["France", "Italy", "Spain", "Japan", "Canada", "Peru", "Kenya", "Norway"]
+    return [tuple(model.tokenizer.encode(f"Question {i}: the capital of {subjects[i % 8]} is")) for i in range(n)]
+
+
+def test_a_request_gets_the_same_greedy_tokens_alone_and_among_31_others(smollm: Model) -> None:
+    ps = prompts(smollm, 32)
+    alone = Engine(smollm, EngineConfig(n_ctx=1024, n_seq_max=32)).generate([Request("r0", ps[0], GREEDY)])
+    crowd_engine = Engine(smollm, EngineConfig(n_ctx=1024, n_seq_max=32, max_batch_tokens=256))
+    crowd = crowd_engine.generate([Request(f"r{i}", p, GREEDY) for i, p in enumerate(ps)])
+    assert tokens(crowd["r0"]) == tokens(alone["r0"])
+    assert len(tokens(alone["r0"])) == 12
+    assert crowd_engine.stats()["memory"]["cells_used"] == 0  # every finished request freed its cells
+
+
+def test_the_same_seed_gives_the_same_sampled_tokens_alone_and_in_a_crowd(smollm: Model) -> None:
+    ps = prompts(smollm, 8)
+    params = SamplingParams(max_tokens=10, temperature=0.9, top_k=40, top_p=0.95, min_p=0.02, seed=1234,
+                            repetition_penalty=1.1, presence_penalty=0.2, frequency_penalty=0.1)  # fmt: skip
+    alone = Engine(smollm, EngineConfig(n_ctx=512, n_seq_max=8)).generate([Request("s", ps[3], params)])
+    others = [Request(f"o{i}", p, SamplingParams(max_tokens=10, temperature=1.0, seed=i)) for i, p in enumerate(ps)]
+    crowd = Engine(smollm, EngineConfig(n_ctx=512, n_seq_max=8)).generate(
+        [*others[:4], Request("s", ps[3], params), *others[4:]]
+    )
+    assert tokens(crowd["s"]) == tokens(alone["s"])
+    again = Engine(smollm, EngineConfig(n_ctx=512, n_seq_max=8)).generate([Request("s", ps[3], params)])
+    assert tokens(again["s"]) == tokens(alone["s"])
+
+
+@pytest.mark.parametrize("fixture", ["llama", "gemma2", "bamba", "jamba"])
+def test_preempted_sequences_resume_with_identical_output(fixture: str) -> None:
+    model = load_model(FIXTURES / fixture, backend="numpy", progress=False)
+    rng = np.random.default_rng(0)
+    reqs = [
+        Request(
+            f"q{i}",
+            tuple(int(t) for t in rng.integers(1, 300, size=10)),
+            SamplingParams(max_tokens=14, temperature=0.7, seed=i),
+        )
+        for i in range(6)
+    ]
+    roomy = Engine(model, EngineConfig(n_ctx=512, n_seq_max=6)).generate(reqs)
+    tight_engine = Engine(model, EngineConfig(n_ctx=60, n_seq_max=6, max_batch_tokens=64))
+    tight = tight_engine.generate(reqs)
+    assert tight_engine.counters["preemptions"] > 0
+    for r in reqs:
+        assert tokens(tight[r.id]) == tokens(roomy[r.id]), r.id
+    assert tight_engine.memory.stats()["cells_used"] == 0
+
+
+def test_stop_strings_split_across_tokens_are_never_streamed(smollm: Model) -> None:
+    ids = tuple(smollm.tokenizer.encode("The capital of France is"))
+    full = Engine(smollm, EngineConfig(n_ctx=256, n_seq_max=2)).generate(
+        [Request("a", ids, SamplingParams(max_tokens=20, temperature=0))]
+    )
+    text = "".join(e.text for e in full["a"])
+    assert text == " Paris.\n\nThe answer is: 2018-01-22 "
+    stop = "answer is"  # spans the tokens " answer" and " is"
+    cut = Engine(smollm, EngineConfig(n_ctx=256, n_seq_max=2)).generate(
+        [Request("a", ids, SamplingParams(max_tokens=20, temperature=0, stop=(stop,)))]
+    )
+    streamed = [e.text for e in cut["a"]]
+    assert "".join(streamed) == " Paris.\n\nThe "
+    assert cut["a"][-1].finish_reason == "stop" and not any("answer" in t for t in streamed)
+
+
+def test_cancellation_frees_the_cells_at_once(smollm: Model) -> None:
+    engine = Engine(smollm, EngineConfig(n_ctx=256, n_seq_max=2))
+    engine.add(Request("a", tuple(smollm.tokenizer.encode("Once upon a time")), SamplingParams(max_tokens=50)))
+    engine.step()
+    engine.step()
+    assert engine.memory.stats()["cells_used"] > 0
+    events = engine.cancel("a")
+    assert events[0].finish_reason == "cancelled"
+    assert engine.memory.stats()["cells_used"] == 0 and not engine.has_work()
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_k=-3), "top_k"),
+        (dict(min_p=1.5), "min_p"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(logprobs=99), "logprobs"),
+        (dict(stop=("",)), "stop strings"),
+        (dict(seed=-1), "seed"),
+    ],
+)
+def test_invalid_sampling_values_are_refused_with_a_message(params: dict, message: str) -> None:  # type: ignore[type-arg]
+    with pytest.raises(InvalidSampling, match=message):
+        SamplingParams(**params)
+
+
+def test_requests_that_can_never_run_are_refused_up_front(smollm: Model) -> None:
+    engine = Engine(smollm, EngineConfig(n_ctx=64, n_seq_max=2))
+    with pytest.raises(RequestRefused, match="exceeds the context of 64 tokens"):
+        engine.add(Request("long", tuple(range(10, 60)), SamplingParams(max_tokens=20)))
+    with pytest.raises(RequestRefused, match="outside the vocabulary"):
+        engine.add(Request("bad", (5, 999999), SamplingParams()))
+    with pytest.raises(RequestRefused, match="empty"):
+        engine.add(Request("empty", (), SamplingParams()))
+    assert not engine.has_work()
+
+
+def test_logprobs_are_the_raw_distribution(smollm: Model) -> None:
+    ids = tuple(smollm.tokenizer.encode("The capital of France is"))
+    out = Engine(smollm, EngineConfig(n_ctx=128, n_seq_max=1)).generate(
+        [Request("a", ids, SamplingParams(max_tokens=1, temperature=0, logprobs=3))]
+    )
+    first = out["a"][0]
+    assert [t for t, _ in first.top_logprobs] == [7042, 260, 4528]
+    assert first.logprob == first.top_logprobs[0][1] and first.logprob < 0
+    assert sum(np.exp(lp) for _, lp in first.top_logprobs) < 1.0

@@ -1,0 +1,292 @@
+"""`Engine`: one model, one `Memory`, many sequences — continuous batching.
+
+Every `step()` builds one batch: a token for each running sequence (decode), then chunks of waiting
+prompts (chunked prefill) up to `max_batch_tokens`; the model runs it through memory; each sequence
+whose logits came back samples its next token. Requests join and leave at every step.
+
+When memory runs out, the most recently started sequence is preempted: its cells are dropped and it
+goes back to the queue with its output so far, to be recomputed (prompt + output) when room frees up;
+its sampler state is kept, so it resumes with identical output. A request that could never fit alone
+is refused when it is added.
+
+Events stream out of `step()`: token id, the text delta (never a partial UTF-8 character, never any
+part of a stop string), logprobs, and on the last one the finish reason.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from statemesh.memory import Batch, MemoryFull
+from statemesh.memory.errors import InvalidInput
+from statemesh.worker.model import Model
+from statemesh.worker.sampling import Sample, SamplerState, SamplingParams, sample
+from statemesh.worker.stops import StopMatcher
+from statemesh.worker.tokenizer import StreamingDetokenizer
+
+
+class RequestRefused(InvalidInput):
+    """A request that can never run: empty, bad token ids, or too long for the memory."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    n_ctx: int = 4096  # token cells of the KV cache, shared by all sequences
+    n_seq_max: int = 32  # sequences resident at once
+    max_batch_tokens: int = 512  # tokens per step: running decodes first, then prefill chunks
+    n_ubatch: int = 512
+
+
+@dataclass(frozen=True)
+class Request:
+    id: str
+    prompt: tuple[int, ...]
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    request_id: str
+    token: int
+    text: str
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+    finish_reason: str | None = None  # "stop", "length", "cancelled" on a request's last event
+
+
+@dataclass
+class _Sequence:
+    """A request's run state. Memory must hold prompt + output before the next token can be
+    sampled; `fed` counts how many of those it holds (0 again after a preemption)."""
+
+    request: Request
+    sampler: SamplerState
+    detok: StreamingDetokenizer
+    stops: StopMatcher
+    order: int  # when it (re)started, to preempt the newest first
+    output: list[int] = field(default_factory=list)
+    seq: int | None = None  # its sequence id in memory while it holds one
+    fed: int = 0
+
+    def tokens(self) -> list[int]:
+        return [*self.request.prompt, *self.output]
+
+    def next_input(self) -> list[int]:
+        """The tokens still to feed: the (rest of the) prompt and output, usually just the last
+        sampled token."""
+        return self.tokens()[self.fed :]
+
+
+class Engine:
+    def __init__(self, model: Model, config: EngineConfig | None = None):
+        self.model = model
+        self.config = config or EngineConfig()
+        self.memory = model.create_memory(self.config.n_ctx, self.config.n_seq_max, self.config.n_ubatch)
+        self.waiting: deque[_Sequence] = deque()
+        self.running: list[_Sequence] = []
+        self.free_seqs = list(range(self.config.n_seq_max - 1, -1, -1))
+        self._order = itertools.count()
+        self.counters = {"preemptions": 0, "tokens_in": 0, "tokens_out": 0, "steps": 0}
+
+    # ---- requests ------------------------------------------------------------------------------
+
+    def add(self, request: Request) -> None:
+        """Queue a request; RequestRefused, nothing queued, if it can never run."""
+        prompt = list(request.prompt)
+        if not prompt:
+            raise RequestRefused(f"request {request.id}: the prompt is empty")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise RequestRefused(
+                f"request {request.id}: token ids {bad[:5]} are outside the vocabulary 0 .. {vocab - 1}"
+            )
+        need = len(prompt) + request.params.max_tokens
+        if self.model.memory_spec().attention_layers and need > self.config.n_ctx:  # recurrent state never grows
+            raise RequestRefused(
+                f"request {request.id}: prompt ({len(prompt)} tokens) + max_tokens ({request.params.max_tokens}) "
+                f"= {need} exceeds the context of {self.config.n_ctx} tokens; shorten one of them"
+            )
+        tokenizer = self.model.tokenizer
+        self.waiting.append(
+            _Sequence(
+                request,
+                SamplerState.start(request.params, prompt),
+                tokenizer.stream(),
+                StopMatcher(request.params.stop),
+                next(self._order),
+            )
+        )
+
+    def cancel(self, request_id: str) -> list[TokenEvent]:
+        """Stop a request now; its cells are freed at once."""
+        for s in [*self.running, *self.waiting]:
+            if s.request.id == request_id:
+                self._finish(s)
+                return [TokenEvent(request_id, -1, "", finish_reason="cancelled")]
+        return []
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one step ---------------------------------------------------------------------------------
+
+    def step(self) -> list[TokenEvent]:
+        """Run one batch; returns the tokens it produced."""
+        admit = True
+        while True:
+            plan = self._plan(admit)
+            if not plan:
+                return []
+            try:
+                logits = self.model.decode(self.memory, plan.batch, n_ubatch=self.config.n_ubatch)
+                break
+            except MemoryFull:
+                for s, _ in plan.fed:  # sequences admitted by this plan go back to the queue
+                    if s.fed == 0 and s.seq is not None and s in self.running and not s.output:
+                        self._unadmit(s)
+                if not self._preempt():
+                    raise
+                admit = False  # no new work in the step that had to preempt
+        self.counters["steps"] += 1
+        for s, n in plan.fed:
+            s.fed += n
+            self.counters["tokens_in"] += n
+        events = []
+        for s, row in plan.sampling:
+            events += self._advance(s, logits[row])
+        return events
+
+    def _plan(self, admit: bool) -> _Plan | None:
+        budget = self.config.max_batch_tokens
+        plan = _Plan()
+        for s in list(self.running):  # running sequences first: one decode token each, or prefill
+            budget -= plan.add(s, budget)
+        while admit and self.waiting and budget > 0 and self.free_seqs and self._room_for(self.waiting[0], plan):
+            s = self.waiting.popleft()
+            s.seq = self.free_seqs.pop()
+            self.running.append(s)
+            budget -= plan.add(s, budget)
+        return plan if plan.positions else None
+
+    def _room_for(self, s: _Sequence, plan: _Plan) -> bool:
+        """Admit a waiting sequence only when its whole input fits beside this step's other tokens
+        (attention cells; a recurrent state always has its slot), so admitting never forces the
+        preemption of a running sequence."""
+        stats = self.memory.stats()
+        if not self.model.memory_spec().attention_layers:
+            return True
+        free = int(stats["cells_total"]) - int(stats["cells_used"])
+        return free >= len(plan.positions) + len(s.next_input())
+
+    def _unadmit(self, s: _Sequence) -> None:
+        assert s.seq is not None
+        self.free_seqs.append(s.seq)
+        self.running.remove(s)
+        s.seq = None
+        self.waiting.appendleft(s)
+
+    def _advance(self, s: _Sequence, logits: np.ndarray) -> list[TokenEvent]:
+        params = s.request.params
+        chosen: Sample = sample(logits, params, s.sampler)
+        s.output.append(chosen.token)
+        self.counters["tokens_out"] += 1
+        reason = None
+        if (
+            chosen.token in self.model.tokenizer.eos_ids and not params.ignore_eos
+        ) or chosen.token in params.stop_token_ids:
+            reason, text = "stop", self._drain(s)  # the end token itself is not text
+        else:
+            text, hit = s.stops.push(s.detok.push(chosen.token))
+            if hit:
+                reason = "stop"
+            elif len(s.output) >= params.max_tokens:
+                reason, text = "length", text + self._drain(s)
+        if reason is not None:
+            self._finish(s)
+        return [TokenEvent(s.request.id, chosen.token, text, chosen.logprob, chosen.top_logprobs, reason)]
+
+    def _drain(self, s: _Sequence) -> str:
+        """At the end: what the detokenizer and the stop matcher still held (unless a stop begins in it)."""
+        tail, hit = s.stops.push(s.detok.flush())
+        return tail if hit else tail + s.stops.flush()
+
+    def _finish(self, s: _Sequence) -> None:
+        if s.seq is not None:
+            self.memory.seq_rm(s.seq)
+            self.free_seqs.append(s.seq)
+            s.seq = None
+        if s in self.running:
+            self.running.remove(s)
+        if s in self.waiting:
+            self.waiting.remove(s)
+
+    def _preempt(self) -> bool:
+        """Drop the newest running sequence's cells; it waits at the queue's head to recompute.
+        False when there is nothing left to preempt."""
+        if len(self.running) <= 1:
+            return False
+        victim = max(self.running, key=lambda s: s.order)
+        assert victim.seq is not None
+        self.memory.seq_rm(victim.seq)
+        self.free_seqs.append(victim.seq)
+        self.running.remove(victim)
+        victim.seq, victim.fed, victim.order = None, 0, next(self._order)
+        self.waiting.appendleft(victim)
+        self.counters["preemptions"] += 1
+        return True
+
+    # ---- convenience ----------------------------------------------------------------------------
+
+    def generate(self, requests: list[Request]) -> dict[str, list[TokenEvent]]:
+        """Run requests to completion; their events by request id."""
+        out: dict[str, list[TokenEvent]] = {r.id: [] for r in requests}
+        for r in requests:
+            self.add(r)
+        while self.has_work():
+            for e in self.step():
+                out[e.request_id].append(e)
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.counters, "waiting": len(self.waiting), "running": len(self.running),
+                "memory": self.memory.stats()}  # fmt: skip
+
+
+class _Plan:
+    """One step's batch under construction."""
+
+    def __init__(self) -> None:
+        self.positions: list[int] = []
+        self.seq_ids: list[int] = []
+        self.tokens: list[int] = []
+        self.logits: list[bool] = []
+        self.fed: list[tuple[_Sequence, int]] = []
+        self.sampling: list[tuple[_Sequence, int]] = []  # sequence, its row among the logits
+
+    def add(self, s: _Sequence, budget: int) -> int:
+        """Up to `budget` of s's next input tokens; returns how many were taken. The sequence
+        samples this step when the chunk ends with the last token it must feed."""
+        assert s.seq is not None
+        todo = s.next_input()
+        take = todo[: max(budget, 0)]
+        if not take:
+            return 0
+        self.positions += range(s.fed, s.fed + len(take))
+        self.seq_ids += [s.seq] * len(take)
+        self.tokens += take
+        completes = len(take) == len(todo)
+        self.logits += [False] * (len(take) - 1) + [completes]
+        if completes:
+            self.sampling.append((s, sum(self.logits) - 1))
+        self.fed.append((s, len(take)))
+        return len(take)
+
+    @property
+    def batch(self) -> Batch:
+        return Batch(self.positions, self.seq_ids, tokens=self.tokens, logits=np.array(self.logits, dtype=bool))
