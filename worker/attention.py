@@ -26,7 +26,57 @@ def attend(
     softcap: float | None = None,
 ) -> Any:
     """q [n, H, D] for the rows of `ub` -> attention output [n, H, Dv], every row over its own
-    sequence's keys (which `ub.store_kv` has already written for this micro-batch)."""
+    sequence's keys (which `ub.store_kv` has already written for this micro-batch). Several
+    sequences are attended at once, padded (`attend_batched`); one goes through `attend_each`."""
+    if len(ub.seqs) > 1:
+        return attend_batched(q, ub, layer, scale, window, softcap)
+    return attend_each(q, ub, layer, scale, window, softcap)
+
+
+def attend_batched(q: Any, ub: MicroBatch, layer: int, scale: float, window: int | None, softcap: float | None) -> Any:
+    """All sequences of the micro-batch in one padded computation: S sequences, up to T query rows
+    and L keys each. Padded keys have position -1 and are masked; padded query rows see every real
+    key (their output is discarded), so no softmax row is empty."""
+    xp = xp_of(q)
+    n, n_heads, _ = q.shape
+    k, v, key_pos, _ = ub.kv_batch(layer)  # [S, L, Hkv, D], [S, L, Hkv, Dv], [S, L]
+    n_seqs, _, n_kv, _ = k.shape
+    group = n_heads // n_kv
+    # each row's sequence (s) and its place among that sequence's rows (t)
+    seq_index = {seq: i for i, seq in enumerate(ub.seqs)}
+    s_of_row = np.array([seq_index[int(x)] for x in ub.seq_ids], dtype=np.int64)
+    order = np.argsort(s_of_row, kind="stable")
+    starts = np.searchsorted(s_of_row[order], np.arange(n_seqs))
+    t_of_row = np.empty(n, dtype=np.int64)
+    t_of_row[order] = np.arange(n) - starts[s_of_row[order]]
+    width = int(t_of_row.max()) + 1
+    s_dev, t_dev = xp.asarray(s_of_row), xp.asarray(t_of_row)
+    queries = xp.zeros((n_seqs, width, n_heads, q.shape[2]), dtype=q.dtype)  # [S, T, H, D]
+    queries[s_dev, t_dev] = q
+    query_pos = np.full((n_seqs, width), np.iinfo(np.int64).max // 2, dtype=np.int64)  # padding sees all
+    query_pos[s_of_row, t_of_row] = ub.positions
+    query_pos_dev = xp.asarray(query_pos)[:, :, None]  # [S, T, 1]
+    qs = queries.reshape(n_seqs, width, n_kv, group, -1).transpose(0, 2, 3, 1, 4)  # -> [S, Hkv, G, T, D]
+    scores = qs @ k.transpose(0, 2, 3, 1)[:, :, None]  # [S, Hkv, G, T, D] @ [S, Hkv, 1, D, L] -> [S, Hkv, G, T, L]
+    scores *= xp.float32(scale)
+    if softcap is not None:
+        scores = xp.tanh(scores / xp.float32(softcap)) * xp.float32(softcap)
+    keys = key_pos[:, None, :]  # [S, 1, L]
+    visible = (keys >= 0) & (keys <= query_pos_dev)  # [S, T, L]
+    if window is not None:
+        padding = xp.asarray(query_pos == np.iinfo(np.int64).max // 2)[:, :, None]  # [S, T, 1]
+        visible &= (keys > query_pos_dev - window) | padding
+    scores = xp.where(visible[:, None, None], scores, xp.float32(-np.inf))
+    scores -= scores.max(axis=-1, keepdims=True)
+    probs = xp.exp(scores)
+    probs /= probs.sum(axis=-1, keepdims=True)
+    o = probs @ v.transpose(0, 2, 1, 3)[:, :, None]  # [S, Hkv, G, T, L] @ [S, Hkv, 1, L, Dv] -> [S, Hkv, G, T, Dv]
+    o = o.transpose(0, 3, 1, 2, 4).reshape(n_seqs, width, n_heads, -1)  # -> [S, T, H, Dv]
+    return o[s_dev, t_dev]  # [n, H, Dv]
+
+
+def attend_each(q: Any, ub: MicroBatch, layer: int, scale: float, window: int | None, softcap: float | None) -> Any:
+    """One sequence at a time (the single-sequence path: no padding to pay for)."""
     xp = xp_of(q)
     n, n_heads, _ = q.shape
     out = None
