@@ -65,10 +65,13 @@ class MicroBatch:
         memory._check_seq(seq)
         return memory._leaf(layer)._kv(layer, seq)
 
-    def kv_batch(self, layer: int) -> tuple[Array, Array, Array, Array]:
-        """All of `seqs` at once, padded: k `[S, L, Hkv, D]`, v `[S, L, Hkv, Dv]`, positions
-        `[S, L]` (-1 on padding, whose k/v rows are zero), lengths `[S]`; S = len(seqs)."""
-        return self._live()._leaf(layer)._kv_batch(layer, self.seqs)
+    def kv_batch(self, layer: int, seqs: tuple[int, ...] | None = None) -> tuple[Array, Array, Array, Array]:
+        """Several sequences at once (all of `self.seqs` by default), padded: k `[S, L, Hkv, D]`,
+        v `[S, L, Hkv, Dv]`, positions `[S, L]` (-1 on padding, whose k/v rows are zero), lengths
+        `[S]`; S = len(seqs)."""
+        memory = self._live()
+        chosen = self.seqs if seqs is None else tuple(memory._check_seq(s) for s in seqs)
+        return memory._leaf(layer)._kv_batch(layer, chosen)
 
     def state(self, layer: int) -> tuple[Array, Array]:
         """The recurrent state before this micro-batch: conv `[len(seqs), *conv_shape]`, ssm

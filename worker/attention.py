@@ -28,23 +28,42 @@ def attend(
     """q [n, H, D] for the rows of `ub` -> attention output [n, H, Dv], every row over its own
     sequence's keys (which `ub.store_kv` has already written for this micro-batch). Several
     sequences are attended at once, padded (`attend_batched`); one goes through `attend_each`."""
-    if len(ub.seqs) > 1:
-        return attend_batched(q, ub, layer, scale, window, softcap)
-    return attend_each(q, ub, layer, scale, window, softcap)
+    counts = {seq: int(n) for seq, n in zip(*np.unique(ub.seq_ids, return_counts=True), strict=True)}
+    decoding = tuple(seq for seq in ub.seqs if counts[seq] == 1)
+    if len(decoding) < 2:
+        return attend_each(q, ub, layer, scale, window, softcap, ub.seqs)
+    # Sequences with one new token (decoding) go together; a sequence with a chunk of prompt goes
+    # alone, so no decoding sequence is padded to a prompt chunk's length.
+    out = attend_batched(q, ub, layer, scale, window, softcap, decoding)
+    prefilling = tuple(seq for seq in ub.seqs if counts[seq] > 1)
+    if prefilling:
+        out = attend_each(q, ub, layer, scale, window, softcap, prefilling, out)
+    return out
 
 
-def attend_batched(q: Any, ub: MicroBatch, layer: int, scale: float, window: int | None, softcap: float | None) -> Any:
-    """All sequences of the micro-batch in one padded computation: S sequences, up to T query rows
-    and L keys each. Padded keys have position -1 and are masked; padded query rows see every real
-    key (their output is discarded), so no softmax row is empty."""
+def attend_batched(
+    q: Any,
+    ub: MicroBatch,
+    layer: int,
+    scale: float,
+    window: int | None,
+    softcap: float | None,
+    seqs: tuple[int, ...],
+) -> Any:
+    """The rows of `seqs` in one padded computation: S sequences, up to T query rows and L keys
+    each. Padded keys have position -1 and are masked; padded query rows see every real key (their
+    output is discarded), so no softmax row is empty. Returns [n, H, Dv] for all rows of `ub`,
+    filled for the rows of `seqs`."""
     xp = xp_of(q)
-    n, n_heads, _ = q.shape
-    k, v, key_pos, _ = ub.kv_batch(layer)  # [S, L, Hkv, D], [S, L, Hkv, Dv], [S, L]
+    n_heads = q.shape[1]
+    k, v, key_pos, _ = ub.kv_batch(layer, seqs)  # [S, L, Hkv, D], [S, L, Hkv, Dv], [S, L]
     n_seqs, _, n_kv, _ = k.shape
     group = n_heads // n_kv
-    # each row's sequence (s) and its place among that sequence's rows (t)
-    seq_index = {seq: i for i, seq in enumerate(ub.seqs)}
-    s_of_row = np.array([seq_index[int(x)] for x in ub.seq_ids], dtype=np.int64)
+    # each of those rows' sequence (s) and its place among that sequence's rows (t)
+    seq_index = {seq: i for i, seq in enumerate(seqs)}
+    mine = np.flatnonzero(np.isin(ub.seq_ids, seqs))
+    n = len(mine)
+    s_of_row = np.array([seq_index[int(x)] for x in ub.seq_ids[mine]], dtype=np.int64)
     order = np.argsort(s_of_row, kind="stable")
     starts = np.searchsorted(s_of_row[order], np.arange(n_seqs))
     t_of_row = np.empty(n, dtype=np.int64)
@@ -52,9 +71,9 @@ def attend_batched(q: Any, ub: MicroBatch, layer: int, scale: float, window: int
     width = int(t_of_row.max()) + 1
     s_dev, t_dev = xp.asarray(s_of_row), xp.asarray(t_of_row)
     queries = xp.zeros((n_seqs, width, n_heads, q.shape[2]), dtype=q.dtype)  # [S, T, H, D]
-    queries[s_dev, t_dev] = q
+    queries[s_dev, t_dev] = q[xp.asarray(mine)]
     query_pos = np.full((n_seqs, width), np.iinfo(np.int64).max // 2, dtype=np.int64)  # padding sees all
-    query_pos[s_of_row, t_of_row] = ub.positions
+    query_pos[s_of_row, t_of_row] = ub.positions[mine]
     query_pos_dev = xp.asarray(query_pos)[:, :, None]  # [S, T, 1]
     qs = queries.reshape(n_seqs, width, n_kv, group, -1).transpose(0, 2, 3, 1, 4)  # -> [S, Hkv, G, T, D]
     scores = qs @ k.transpose(0, 2, 3, 1)[:, :, None]  # [S, Hkv, G, T, D] @ [S, Hkv, 1, D, L] -> [S, Hkv, G, T, L]
@@ -72,15 +91,25 @@ def attend_batched(q: Any, ub: MicroBatch, layer: int, scale: float, window: int
     probs /= probs.sum(axis=-1, keepdims=True)
     o = probs @ v.transpose(0, 2, 1, 3)[:, :, None]  # [S, Hkv, G, T, L] @ [S, Hkv, 1, L, Dv] -> [S, Hkv, G, T, Dv]
     o = o.transpose(0, 3, 1, 2, 4).reshape(n_seqs, width, n_heads, -1)  # -> [S, T, H, Dv]
-    return o[s_dev, t_dev]  # [n, H, Dv]
+    out = xp.empty((q.shape[0], n_heads, o.shape[-1]), dtype=q.dtype)
+    out[xp.asarray(mine)] = o[s_dev, t_dev]  # [n, H, Dv] for the rows of `seqs`
+    return out
 
 
-def attend_each(q: Any, ub: MicroBatch, layer: int, scale: float, window: int | None, softcap: float | None) -> Any:
-    """One sequence at a time (the single-sequence path: no padding to pay for)."""
+def attend_each(
+    q: Any,
+    ub: MicroBatch,
+    layer: int,
+    scale: float,
+    window: int | None,
+    softcap: float | None,
+    seqs: tuple[int, ...],
+    out: Any = None,
+) -> Any:
+    """One sequence at a time (no padding to pay for); fills `out` [n, H, Dv] for their rows."""
     xp = xp_of(q)
     n, n_heads, _ = q.shape
-    out = None
-    for seq in ub.seqs:
+    for seq in seqs:
         rows = np.flatnonzero(ub.seq_ids == seq)
         k, v, key_pos = ub.kv(layer, seq)  # [L, Hkv, D], [L, Hkv, Dv], [L]
         n_kv = k.shape[1]

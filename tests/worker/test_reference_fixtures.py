@@ -191,3 +191,18 @@ def test_moving_positions_re_rotates_keys_as_if_computed_there(case) -> None:  #
     a = prefill(model, moved, [token], start=len(ids) + 5)
     b = prefill(model, there, [token], start=len(ids) + 5)
     assert relative_error(a, b) < 1e-4
+
+
+def test_a_mixed_batch_of_decodes_and_a_prompt_chunk_equals_running_each_alone(case) -> None:  # type: ignore[no-untyped-def]
+    """Decoding sequences are attended together (padded), a prompt chunk alone; either way each
+    sequence's logits are what it gets by itself."""
+    model, expected = case
+    ids = expected["prompt_ids"].tolist()
+    mem = model.create_memory(n_ctx=128, n_seq_max=3)
+    prefill(model, mem, ids[:9], seq=0)
+    prefill(model, mem, ids[:5], seq=1)
+    batch = Batch([9, 5, 0, 1, 2, 3], [0, 1, 2, 2, 2, 2], tokens=[ids[9], ids[5], *ids[:4]])
+    together = model.decode(mem, batch)
+    for seq, chunk, start, rows in ((0, ids[:10], 0, [0]), (1, ids[:6], 0, [1]), (2, ids[:4], 0, [2, 3, 4, 5])):
+        alone = prefill(model, model.create_memory(n_ctx=64, n_seq_max=1), chunk, start=start)
+        assert relative_error(together[rows], alone[-len(rows) :]) < 1e-4, seq
