@@ -26,6 +26,7 @@ from statemesh.memory import Batch, MemoryFull
 from statemesh.memory.errors import InvalidInput
 from statemesh.worker.model import Model
 from statemesh.worker.sampling import Sample, SamplerState, SamplingParams, sample
+from statemesh.worker.sessions import SessionStore
 from statemesh.worker.stops import StopMatcher
 from statemesh.worker.tokenizer import StreamingDetokenizer
 
@@ -40,6 +41,7 @@ class EngineConfig:
     n_seq_max: int = 32  # sequences resident at once
     max_batch_tokens: int = 512  # tokens per step: running decodes first, then prefill chunks
     n_ubatch: int = 512
+    session_store_bytes: int = 1 << 30  # host memory for the snapshots of evicted idle sessions
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class Request:
     id: str
     prompt: tuple[int, ...]
     params: SamplingParams = field(default_factory=SamplingParams)
+    session: str | None = None  # keep the state after the request, for the session's next turn
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,11 @@ class Engine:
         self.running: list[_Sequence] = []
         self.free_seqs = list(range(self.config.n_seq_max - 1, -1, -1))
         self._order = itertools.count()
-        self.counters = {"preemptions": 0, "tokens_in": 0, "tokens_out": 0, "steps": 0}
+        self.sessions = SessionStore(self.config.session_store_bytes)
+        self.counters = {
+            "preemptions": 0, "prefill_tokens": 0, "decode_tokens": 0, "tokens_out": 0, "steps": 0,
+            "session_hits": 0, "session_tokens_reused": 0, "session_evictions": 0, "session_restores": 0,
+        }  # fmt: skip
 
     # ---- requests ------------------------------------------------------------------------------
 
@@ -127,7 +134,7 @@ class Engine:
         """Stop a request now; its cells are freed at once."""
         for s in [*self.running, *self.waiting]:
             if s.request.id == request_id:
-                self._finish(s)
+                self._finish(s, keep_session=False)
                 return [TokenEvent(request_id, -1, "", finish_reason="cancelled")]
         return []
 
@@ -155,8 +162,9 @@ class Engine:
                 admit = False  # no new work in the step that had to preempt
         self.counters["steps"] += 1
         for s, n in plan.fed:
+            decoding = n == 1 and len(s.output) > 0 and s.fed == len(s.tokens()) - 1
             s.fed += n
-            self.counters["tokens_in"] += n
+            self.counters["decode_tokens" if decoding else "prefill_tokens"] += n
         events = []
         for s, row in plan.sampling:
             events += self._advance(s, logits[row])
@@ -167,12 +175,93 @@ class Engine:
         plan = _Plan()
         for s in list(self.running):  # running sequences first: one decode token each, or prefill
             budget -= plan.add(s, budget)
-        while admit and self.waiting and budget > 0 and self.free_seqs and self._room_for(self.waiting[0], plan):
+        while admit and self.waiting and budget > 0 and self._admit(self.waiting[0], plan):
             s = self.waiting.popleft()
-            s.seq = self.free_seqs.pop()
             self.running.append(s)
             budget -= plan.add(s, budget)
         return plan if plan.positions else None
+
+    def _admit(self, s: _Sequence, plan: _Plan) -> bool:
+        """Give the waiting sequence `s` a sequence id (its session's, restored if need be), making
+        room by evicting idle sessions; False, nothing changed for s, when it must wait."""
+        session = self.sessions.get(s.request.session) if s.request.session else None
+        if session is not None and session.busy:
+            return False  # one request of a session at a time
+        if session is not None and session.seq is not None:
+            s.seq = session.seq
+        else:
+            while not self.free_seqs and self._evict_one():
+                pass
+            if not self.free_seqs:
+                return False
+            s.seq = self.free_seqs.pop()
+            if session is not None and session.snapshot is not None and not self._restore(session, s.seq):
+                self.free_seqs.append(s.seq)
+                s.seq = None
+                return False
+        if session is not None:
+            session.busy = True
+            session.seq = s.seq
+            self._reuse(s, session.tokens)
+        while not self._room_for(s, plan) and self._evict_one(keep=s.seq):
+            pass
+        if not self._room_for(s, plan):
+            self._release_admission(s, session)
+            return False
+        return True
+
+    def _reuse(self, s: _Sequence, held: list[int]) -> None:
+        """Keep what memory holds for the session that the new prompt repeats; cut the rest. A
+        state that cannot be cut (recurrent) or a window cut too short is recomputed whole."""
+        assert s.seq is not None
+        prompt = list(s.request.prompt)
+        common = 0
+        for a, b in zip(held, prompt, strict=False):
+            if a != b:
+                break
+            common += 1
+        keep = min(common, len(prompt) - 1)  # at least one token must be fed to get logits
+        if not self.memory.seq_rm(s.seq, keep, None) or (
+            keep > 0 and self.memory.seq_pos_min(s.seq) > self.memory.seq_pos_max(s.seq)
+        ):
+            self.memory.seq_rm(s.seq)
+            keep = 0
+        s.fed = keep
+        if keep:
+            self.counters["session_hits"] += 1
+            self.counters["session_tokens_reused"] += keep
+
+    def _restore(self, session: Any, seq: int) -> bool:
+        try:
+            self.memory.state_read(session.snapshot, seq=seq)
+        except MemoryFull:
+            return False
+        session.snapshot = None
+        self.counters["session_restores"] += 1
+        return True
+
+    def _evict_one(self, keep: int | None = None) -> bool:
+        """Move the least recently used idle session's state out to the host store."""
+        session = self.sessions.idle_resident()
+        if session is None or session.seq is None or session.seq == keep:
+            return False
+        seq = session.seq
+        self.sessions.evicted(session, self.memory.state_write(seq))
+        self.memory.seq_rm(seq)
+        self.free_seqs.append(seq)
+        self.counters["session_evictions"] += 1
+        return True
+
+    def _release_admission(self, s: _Sequence, session: Any) -> None:
+        """Undo `_admit` for a sequence that must wait after all (its session keeps its state)."""
+        assert s.seq is not None
+        if session is not None:
+            session.busy = False
+            session.tokens = s.tokens()[: s.fed]
+        else:
+            self.memory.seq_rm(s.seq)
+            self.free_seqs.append(s.seq)
+        s.seq, s.fed = None, 0
 
     def _room_for(self, s: _Sequence, plan: _Plan) -> bool:
         """Admit a waiting sequence only when its whole input fits beside this step's other tokens
@@ -185,10 +274,9 @@ class Engine:
         return free >= len(plan.positions) + len(s.next_input())
 
     def _unadmit(self, s: _Sequence) -> None:
-        assert s.seq is not None
-        self.free_seqs.append(s.seq)
         self.running.remove(s)
-        s.seq = None
+        session = self.sessions.get(s.request.session) if s.request.session else None
+        self._release_admission(s, session)
         self.waiting.appendleft(s)
 
     def _advance(self, s: _Sequence, logits: np.ndarray) -> list[TokenEvent]:
@@ -216,10 +304,16 @@ class Engine:
         tail, hit = s.stops.push(s.detok.flush())
         return tail if hit else tail + s.stops.flush()
 
-    def _finish(self, s: _Sequence) -> None:
+    def _finish(self, s: _Sequence, keep_session: bool = True) -> None:
+        """The request is done: free its sequence, or keep it as its session's state."""
         if s.seq is not None:
-            self.memory.seq_rm(s.seq)
-            self.free_seqs.append(s.seq)
+            if s.request.session and keep_session:
+                self.sessions.keep(s.request.session, s.tokens()[: s.fed], s.seq, next(self._order))
+            else:
+                self.memory.seq_rm(s.seq)
+                self.free_seqs.append(s.seq)
+                if s.request.session:
+                    self.sessions.drop(s.request.session)
             s.seq = None
         if s in self.running:
             self.running.remove(s)
@@ -236,6 +330,8 @@ class Engine:
         self.memory.seq_rm(victim.seq)
         self.free_seqs.append(victim.seq)
         self.running.remove(victim)
+        if victim.request.session:  # its state is gone with its cells; it is recomputed on resume
+            self.sessions.drop(victim.request.session)
         victim.seq, victim.fed, victim.order = None, 0, next(self._order)
         self.waiting.appendleft(victim)
         self.counters["preemptions"] += 1
@@ -255,6 +351,7 @@ class Engine:
 
     def stats(self) -> dict[str, Any]:
         return {**self.counters, "waiting": len(self.waiting), "running": len(self.running),
+                "sessions": len(self.sessions.sessions), "session_store_bytes": self.sessions.stored_bytes(),
                 "memory": self.memory.stats()}  # fmt: skip
 
 

@@ -141,3 +141,52 @@ def test_logprobs_are_the_raw_distribution(smollm: Model) -> None:
     assert [t for t, _ in first.top_logprobs] == [7042, 260, 4528]
     assert first.logprob == first.top_logprobs[0][1] and first.logprob < 0
     assert sum(np.exp(lp) for _, lp in first.top_logprobs) < 1.0
+
+
+@pytest.mark.parametrize("fixture", ["llama", "gemma3", "mamba", "bamba"])
+def test_a_sessions_second_turn_prefills_only_its_new_tokens(fixture: str) -> None:
+    model = load_model(FIXTURES / fixture, backend="numpy", progress=False)
+    params = SamplingParams(max_tokens=5, temperature=0)
+    first = tuple(range(20, 30))
+    engine = Engine(model, EngineConfig(n_ctx=256, n_seq_max=2))
+    out1 = tokens(engine.generate([Request("t1", first, params, session="chat")])["t1"])
+    fed_before = engine.counters["prefill_tokens"]
+    second = (*first, *out1, 40, 41, 42, 43)
+    out2 = tokens(engine.generate([Request("t2", second, params, session="chat")])["t2"])
+    assert engine.counters["prefill_tokens"] - fed_before == 4 + 1  # the new tokens and the last answer token
+    assert engine.counters["session_hits"] == 1
+    fresh = Engine(model, EngineConfig(n_ctx=256, n_seq_max=2)).generate([Request("x", second, params)])
+    assert out2 == tokens(fresh["x"])
+
+
+@pytest.mark.parametrize("fixture", ["llama", "mamba"])
+def test_a_turn_that_rewrites_history_recomputes_what_it_must(fixture: str) -> None:
+    model = load_model(FIXTURES / fixture, backend="numpy", progress=False)
+    params = SamplingParams(max_tokens=4, temperature=0)
+    engine = Engine(model, EngineConfig(n_ctx=256, n_seq_max=2))
+    engine.generate([Request("t1", tuple(range(20, 32)), params, session="s")])
+    edited = (*range(20, 26), 99, 98, 97)  # shares 6 tokens, then differs
+    before = engine.counters["prefill_tokens"]
+    out = tokens(engine.generate([Request("t2", edited, params, session="s")])["t2"])
+    fed = engine.counters["prefill_tokens"] - before
+    assert fed == (3 if model.memory_spec().attention_layers else len(edited))  # a state cannot be cut
+    assert out == tokens(
+        Engine(model, EngineConfig(n_ctx=256, n_seq_max=2)).generate([Request("x", edited, params)])["x"]
+    )
+
+
+def test_idle_sessions_are_evicted_to_host_snapshots_and_restored() -> None:
+    model = load_model(FIXTURES / "bamba", backend="numpy", progress=False)
+    params = SamplingParams(max_tokens=4, temperature=0)
+    engine = Engine(model, EngineConfig(n_ctx=256, n_seq_max=2))
+    turns = {name: tuple(range(30 + i, 40 + i)) for i, name in enumerate(["a", "b", "c"])}
+    answers = {}
+    for name, prompt in turns.items():  # three sessions through two sequence slots
+        answers[name] = tokens(engine.generate([Request(name + "1", prompt, params, session=name)])[name + "1"])
+    assert engine.counters["session_evictions"] >= 1 and engine.stats()["session_store_bytes"] > 0
+    follow = (*turns["a"], *answers["a"], 50, 51)
+    out = tokens(engine.generate([Request("a2", follow, params, session="a")])["a2"])
+    assert engine.counters["session_restores"] >= 1 and engine.counters["session_hits"] >= 1
+    assert out == tokens(
+        Engine(model, EngineConfig(n_ctx=256, n_seq_max=2)).generate([Request("x", follow, params)])["x"]
+    )
