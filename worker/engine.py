@@ -16,7 +16,9 @@ part of a stop string), logprobs, and on the last one the finish reason.
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +44,12 @@ class EngineConfig:
     max_batch_tokens: int = 512  # tokens per step: running decodes first, then prefill chunks
     n_ubatch: int = 512
     session_store_bytes: int = 1 << 30  # host memory for the snapshots of evicted idle sessions
+    preempt: str = "auto"  # "swap" the state out as a snapshot, "recompute" it, or "auto"
+    swap_min_tokens: int = 32  # auto: swap sequences holding at least this many tokens, recompute shorter ones
+
+    def __post_init__(self) -> None:
+        if self.preempt not in ("auto", "swap", "recompute"):
+            raise InvalidInput(f"preempt must be 'auto', 'swap' or 'recompute', got {self.preempt!r}")
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,10 @@ class _Sequence:
     output: list[int] = field(default_factory=list)
     seq: int | None = None  # its sequence id in memory while it holds one
     fed: int = 0
+    swapped: bytes | None = None  # its state while preempted by swapping, and how much it held
+    swapped_fed: int = 0
+    arrived: float = 0.0
+    last_token_at: float | None = None
 
     def tokens(self) -> list[int]:
         return [*self.request.prompt, *self.output]
@@ -95,9 +107,11 @@ class Engine:
         self.free_seqs = list(range(self.config.n_seq_max - 1, -1, -1))
         self._order = itertools.count()
         self.sessions = SessionStore(self.config.session_store_bytes)
+        self.latency: dict[str, deque[float]] = {"ttft": deque(maxlen=10_000), "itl": deque(maxlen=10_000)}
         self.counters = {
             "preemptions": 0, "prefill_tokens": 0, "decode_tokens": 0, "tokens_out": 0, "steps": 0,
             "session_hits": 0, "session_tokens_reused": 0, "session_evictions": 0, "session_restores": 0,
+            "swap_outs": 0, "swap_ins": 0,
         }  # fmt: skip
 
     # ---- requests ------------------------------------------------------------------------------
@@ -127,6 +141,7 @@ class Engine:
                 tokenizer.stream(),
                 StopMatcher(request.params.stop),
                 next(self._order),
+                arrived=time.monotonic(),
             )
         )
 
@@ -199,6 +214,10 @@ class Engine:
                 self.free_seqs.append(s.seq)
                 s.seq = None
                 return False
+            if s.swapped is not None and not self._swap_in(s):
+                self.free_seqs.append(s.seq)
+                s.seq = None
+                return False
         if session is not None:
             session.busy = True
             session.seq = s.seq
@@ -208,6 +227,19 @@ class Engine:
         if not self._room_for(s, plan):
             self._release_admission(s, session)
             return False
+        if s.swapped is not None:  # admitted for good: its swapped state is back in memory
+            self.counters["swap_ins"] += 1
+            s.swapped = None
+        return True
+
+    def _swap_in(self, s: _Sequence) -> bool:
+        """Restore a sequence preempted by swapping into its new sequence id."""
+        assert s.seq is not None and s.swapped is not None
+        try:
+            self.memory.state_read(s.swapped, seq=s.seq)
+        except MemoryFull:
+            return False
+        s.fed = s.swapped_fed
         return True
 
     def _reuse(self, s: _Sequence, held: list[int]) -> None:
@@ -284,6 +316,12 @@ class Engine:
         chosen: Sample = sample(logits, params, s.sampler)
         s.output.append(chosen.token)
         self.counters["tokens_out"] += 1
+        now = time.monotonic()
+        if s.last_token_at is None:
+            self.latency["ttft"].append(now - s.arrived)
+        else:
+            self.latency["itl"].append(now - s.last_token_at)
+        s.last_token_at = now
         reason = None
         if (
             chosen.token in self.model.tokenizer.eos_ids and not params.ignore_eos
@@ -321,16 +359,21 @@ class Engine:
             self.waiting.remove(s)
 
     def _preempt(self) -> bool:
-        """Drop the newest running sequence's cells; it waits at the queue's head to recompute.
+        """Free the newest running sequence's cells: its state is swapped out as a snapshot (or, for
+        a short one under "auto", dropped to be recomputed); it waits at the queue's head.
         False when there is nothing left to preempt."""
         if len(self.running) <= 1:
             return False
         victim = max(self.running, key=lambda s: s.order)
         assert victim.seq is not None
+        mode = self.config.preempt
+        if mode == "swap" or (mode == "auto" and victim.fed >= self.config.swap_min_tokens):
+            victim.swapped, victim.swapped_fed = self.memory.state_write(victim.seq), victim.fed
+            self.counters["swap_outs"] += 1
         self.memory.seq_rm(victim.seq)
         self.free_seqs.append(victim.seq)
         self.running.remove(victim)
-        if victim.request.session:  # its state is gone with its cells; it is recomputed on resume
+        if victim.request.session:  # its state leaves with it (swapped, or recomputed on resume)
             self.sessions.drop(victim.request.session)
         victim.seq, victim.fed, victim.order = None, 0, next(self._order)
         self.waiting.appendleft(victim)
@@ -338,6 +381,25 @@ class Engine:
         return True
 
     # ---- convenience ----------------------------------------------------------------------------
+
+    def chat_request(
+        self,
+        request_id: str,
+        messages: list[dict[str, str]],
+        params: SamplingParams | None = None,
+        session: str | None = None,
+    ) -> Request:
+        """A request whose prompt is the conversation rendered by the model's chat template."""
+        text = self.model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        prompt = tuple(self.model.tokenizer.encode(text))
+        return Request(request_id, prompt, params or SamplingParams(), session)
+
+    def stream(self, requests: list[Request]) -> Iterator[TokenEvent]:
+        """Run requests, yielding their events as they are produced."""
+        for r in requests:
+            self.add(r)
+        while self.has_work():
+            yield from self.step()
 
     def generate(self, requests: list[Request]) -> dict[str, list[TokenEvent]]:
         """Run requests to completion; their events by request id."""
@@ -352,6 +414,8 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         return {**self.counters, "waiting": len(self.waiting), "running": len(self.running),
                 "sessions": len(self.sessions.sessions), "session_store_bytes": self.sessions.stored_bytes(),
+                **{f"{name}_p{q}_s": (float(np.percentile(list(v), q)) if v else None)
+                   for name, v in self.latency.items() for q in (50, 99)},
                 "memory": self.memory.stats()}  # fmt: skip
 
 

@@ -54,22 +54,22 @@ def test_the_same_seed_gives_the_same_sampled_tokens_alone_and_in_a_crowd(smollm
     assert tokens(again["s"]) == tokens(alone["s"])
 
 
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
 @pytest.mark.parametrize("fixture", ["llama", "gemma2", "bamba", "jamba"])
-def test_preempted_sequences_resume_with_identical_output(fixture: str) -> None:
+def test_preempted_sequences_resume_with_identical_output(fixture: str, mode: str) -> None:
     model = load_model(FIXTURES / fixture, backend="numpy", progress=False)
     rng = np.random.default_rng(0)
     reqs = [
-        Request(
-            f"q{i}",
-            tuple(int(t) for t in rng.integers(1, 300, size=10)),
-            SamplingParams(max_tokens=14, temperature=0.7, seed=i),
-        )
+        Request(f"q{i}", tuple(int(t) for t in rng.integers(1, 300, size=10)),
+                SamplingParams(max_tokens=14, temperature=0.7, seed=i))
         for i in range(6)
-    ]
+    ]  # fmt: skip
     roomy = Engine(model, EngineConfig(n_ctx=512, n_seq_max=6)).generate(reqs)
-    tight_engine = Engine(model, EngineConfig(n_ctx=60, n_seq_max=6, max_batch_tokens=64))
+    tight_engine = Engine(model, EngineConfig(n_ctx=60, n_seq_max=6, max_batch_tokens=64, preempt=mode))
     tight = tight_engine.generate(reqs)
     assert tight_engine.counters["preemptions"] > 0
+    assert (tight_engine.counters["swap_outs"] > 0) == (mode == "swap")
+    assert tight_engine.counters["swap_ins"] == tight_engine.counters["swap_outs"]
     for r in reqs:
         assert tokens(tight[r.id]) == tokens(roomy[r.id]), r.id
     assert tight_engine.memory.stats()["cells_used"] == 0
@@ -190,3 +190,15 @@ def test_idle_sessions_are_evicted_to_host_snapshots_and_restored() -> None:
     assert out == tokens(
         Engine(model, EngineConfig(n_ctx=256, n_seq_max=2)).generate([Request("x", follow, params)])["x"]
     )
+
+
+def test_chat_messages_stream_with_timings(smollm: Model) -> None:
+    engine = Engine(smollm, EngineConfig(n_ctx=512, n_seq_max=2))
+    request = engine.chat_request("c", [{"role": "user", "content": "What is the capital of France?"}],
+                                  SamplingParams(max_tokens=8, temperature=0))  # fmt: skip
+    assert smollm.tokenizer.decode(list(request.prompt)).startswith("<|im_start|>system")
+    events = list(engine.stream([request]))
+    assert len(events) >= 1 and events[-1].finish_reason in ("stop", "length")
+    assert "Paris" in "".join(e.text for e in events)
+    stats = engine.stats()
+    assert stats["ttft_p50_s"] > 0 and (len(events) == 1 or stats["itl_p99_s"] > 0)
