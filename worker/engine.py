@@ -27,6 +27,7 @@ import numpy as np
 from statemesh.memory import Batch, MemoryFull
 from statemesh.memory.errors import InvalidInput
 from statemesh.worker.model import Model
+from statemesh.worker.prefix_cache import PrefixCache
 from statemesh.worker.sampling import Sample, SamplerState, SamplingParams, sample
 from statemesh.worker.sessions import SessionStore
 from statemesh.worker.stops import StopMatcher
@@ -46,6 +47,9 @@ class EngineConfig:
     session_store_bytes: int = 1 << 30  # host memory for the snapshots of evicted idle sessions
     preempt: str = "auto"  # "swap" the state out as a snapshot, "recompute" it, or "auto"
     swap_min_tokens: int = 32  # auto: swap sequences holding at least this many tokens, recompute shorter ones
+    prefix_cache_seqs: int = 8  # sequence ids kept for prefix-cache checkpoints (0: no prefix cache)
+    prefix_block: int = 16  # tokens per hashed block
+    prefix_stride_blocks: int = 4  # with recurrent layers: a checkpoint every this many blocks of a prompt
 
     def __post_init__(self) -> None:
         if self.preempt not in ("auto", "swap", "recompute"):
@@ -101,7 +105,15 @@ class Engine:
     def __init__(self, model: Model, config: EngineConfig | None = None):
         self.model = model
         self.config = config or EngineConfig()
-        self.memory = model.create_memory(self.config.n_ctx, self.config.n_seq_max, self.config.n_ubatch)
+        c = self.config
+        self.memory = model.create_memory(c.n_ctx, c.n_seq_max + c.prefix_cache_seqs, c.n_ubatch)
+        spec = model.memory_spec()
+        windows = [w for w in (spec.attention(i).window for i in spec.attention_layers) if w is not None]
+        self.prefix = PrefixCache(
+            self.memory, list(range(c.n_seq_max, c.n_seq_max + c.prefix_cache_seqs)), c.prefix_block,
+            exact=bool(spec.recurrent_layers), window=max(windows) if windows else None,
+        )  # fmt: skip
+        self.checkpoint_stride = c.prefix_block * c.prefix_stride_blocks if spec.recurrent_layers else None
         self.waiting: deque[_Sequence] = deque()
         self.running: list[_Sequence] = []
         self.free_seqs = list(range(self.config.n_seq_max - 1, -1, -1))
@@ -172,6 +184,8 @@ class Engine:
                 for s, _ in plan.fed:  # sequences admitted by this plan go back to the queue
                     if s.fed == 0 and s.seq is not None and s in self.running and not s.output:
                         self._unadmit(s)
+                if self.prefix.evict():  # cached prefixes give way before running sequences do
+                    continue
                 if not self._preempt():
                     raise
                 admit = False  # no new work in the step that had to preempt
@@ -180,14 +194,32 @@ class Engine:
             decoding = n == 1 and len(s.output) > 0 and s.fed == len(s.tokens()) - 1
             s.fed += n
             self.counters["decode_tokens" if decoding else "prefill_tokens"] += n
+        if self.config.prefix_cache_seqs:
+            for s, _ in plan.fed:
+                self._checkpoint(s)
         events = []
         for s, row in plan.sampling:
             events += self._advance(s, logits[row])
         return events
 
+    def _checkpoint(self, s: _Sequence) -> None:
+        """Offer the prefix cache what s's prefill has just reached: with recurrent layers every
+        stride boundary (the state is exactly there now), else the prompt's last full block once
+        its prefill is done."""
+        prompt = list(s.request.prompt)
+        if s.seq is None or s.output:
+            return
+        if self.checkpoint_stride:
+            if 0 < s.fed < len(prompt) and s.fed % self.checkpoint_stride == 0:
+                self.prefix.add(s.seq, prompt, s.fed)
+        elif s.fed == len(prompt):
+            depth = len(prompt) // self.config.prefix_block * self.config.prefix_block
+            if depth:
+                self.prefix.add(s.seq, prompt, depth)
+
     def _plan(self, admit: bool) -> _Plan | None:
         budget = self.config.max_batch_tokens
-        plan = _Plan()
+        plan = _Plan(self.checkpoint_stride if self.config.prefix_cache_seqs else None)
         for s in list(self.running):  # running sequences first: one decode token each, or prefill
             budget -= plan.add(s, budget)
         while admit and self.waiting and budget > 0 and self._admit(self.waiting[0], plan):
@@ -222,7 +254,11 @@ class Engine:
             session.busy = True
             session.seq = s.seq
             self._reuse(s, session.tokens)
-        while not self._room_for(s, plan) and self._evict_one(keep=s.seq):
+        elif s.fed == 0 and s.swapped is None and self.config.prefix_cache_seqs:
+            hit = self.prefix.lookup(list(s.request.prompt))
+            if hit is not None:
+                s.fed = self.prefix.apply(hit, s.seq)
+        while not self._room_for(s, plan) and (self._evict_one(keep=s.seq) or self.prefix.evict()):
             pass
         if not self._room_for(s, plan):
             self._release_admission(s, session)
@@ -414,15 +450,19 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         return {**self.counters, "waiting": len(self.waiting), "running": len(self.running),
                 "sessions": len(self.sessions.sessions), "session_store_bytes": self.sessions.stored_bytes(),
+                "prefix_queries": self.prefix.queries, "prefix_hits": self.prefix.hits,
+                "prefix_hit_tokens": self.prefix.hit_tokens, "prefix_checkpoints": len(self.prefix.checkpoints),
                 **{f"{name}_p{q}_s": (float(np.percentile(list(v), q)) if v else None)
                    for name, v in self.latency.items() for q in (50, 99)},
                 "memory": self.memory.stats()}  # fmt: skip
 
 
 class _Plan:
-    """One step's batch under construction."""
+    """One step's batch under construction. With `stride`, prompt chunks end at multiples of it,
+    where the prefix cache takes checkpoints of states that cannot be cut later."""
 
-    def __init__(self) -> None:
+    def __init__(self, stride: int | None = None) -> None:
+        self.stride = stride
         self.positions: list[int] = []
         self.seq_ids: list[int] = []
         self.tokens: list[int] = []
@@ -436,6 +476,11 @@ class _Plan:
         assert s.seq is not None
         todo = s.next_input()
         take = todo[: max(budget, 0)]
+        prompt = len(s.request.prompt)
+        if self.stride and s.fed < prompt:
+            boundary = (s.fed // self.stride + 1) * self.stride
+            if boundary < prompt:
+                take = take[: boundary - s.fed]
         if not take:
             return 0
         self.positions += range(s.fed, s.fed + len(take))

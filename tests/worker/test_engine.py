@@ -202,3 +202,54 @@ def test_chat_messages_stream_with_timings(smollm: Model) -> None:
     assert "Paris" in "".join(e.text for e in events)
     stats = engine.stats()
     assert stats["ttft_p50_s"] > 0 and (len(events) == 1 or stats["itl_p99_s"] > 0)
+
+
+def first_logprobs(events: list) -> list[tuple[int, float]]:  # type: ignore[type-arg]
+    return list(events[0].top_logprobs)
+
+
+@pytest.mark.parametrize("fixture", ["llama", "mamba", "bamba", "jamba"])
+def test_a_prefix_cache_hit_gives_what_a_cold_run_gives(fixture: str) -> None:
+    model = load_model(FIXTURES / fixture, backend="numpy", progress=False)
+    params = SamplingParams(max_tokens=6, temperature=0, logprobs=5)
+    cached = tuple(range(40, 80))  # 40 tokens: full blocks end at 16 and 32
+    extends = (*cached[:32], 7, 8, 9, 10, 11)  # repeats two blocks, then differs
+    config = EngineConfig(n_ctx=512, n_seq_max=2, prefix_block=16, prefix_stride_blocks=1)
+    engine = Engine(model, config)
+    engine.generate([Request("a", cached, params)])
+    before = engine.counters["prefill_tokens"]
+    warm = engine.generate([Request("b", extends, params)])["b"]
+    assert engine.stats()["prefix_hits"] == 1 and engine.stats()["prefix_hit_tokens"] == 32
+    assert engine.counters["prefill_tokens"] - before == len(extends) - 32
+    cold = Engine(model, EngineConfig(n_ctx=512, n_seq_max=2, prefix_cache_seqs=0)).generate(
+        [Request("b", extends, params)]
+    )["b"]
+    assert tokens(warm) == tokens(cold)
+    for (t1, lp1), (t2, lp2) in zip(first_logprobs(warm), first_logprobs(cold), strict=True):
+        assert t1 == t2 and abs(lp1 - lp2) < 1e-4
+
+
+def test_a_windowed_cache_gets_no_hit_where_the_window_is_gone_and_is_still_right() -> None:
+    model = load_model(FIXTURES / "gemma2", backend="numpy", progress=False)
+    params = SamplingParams(max_tokens=4, temperature=0)
+    cached = tuple(range(40, 80))
+    extends = (*cached[:32], 7, 8, 9)
+    engine = Engine(model, EngineConfig(n_ctx=512, n_seq_max=2, prefix_block=16))
+    engine.generate([Request("a", cached, params)])
+    warm = engine.generate([Request("b", extends, params)])["b"]
+    assert engine.stats()["prefix_hits"] == 0  # the checkpoint's window cells were let go
+    cold = Engine(model, EngineConfig(n_ctx=512, n_seq_max=2, prefix_cache_seqs=0)).generate(
+        [Request("b", extends, params)]
+    )["b"]
+    assert tokens(warm) == tokens(cold)
+
+
+def test_checkpoints_give_way_to_running_sequences() -> None:
+    model = load_model(FIXTURES / "llama", backend="numpy", progress=False)
+    params = SamplingParams(max_tokens=4, temperature=0)
+    engine = Engine(model, EngineConfig(n_ctx=80, n_seq_max=2, prefix_block=16))
+    engine.generate([Request("a", tuple(range(40, 80)), params)])  # leaves a 32-token checkpoint
+    assert engine.stats()["prefix_checkpoints"] == 1
+    out = engine.generate([Request("b", tuple(range(100, 170)), params)])["b"]  # needs 74 of 80 cells
+    assert len(out) == 4 and engine.counters["preemptions"] == 0
+    assert [c.depth for c in engine.prefix.checkpoints] == [64]  # a's went, b's own was kept
