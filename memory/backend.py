@@ -9,6 +9,7 @@ CuPy is optional: the package imports and works without it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -63,10 +64,16 @@ class Backend:
             return [a[idx] for a in arrays]
         sizes = [len(cells) * int(np.prod(a.shape[1:])) for a in arrays]
         buf = np.empty(sum(sizes), dtype=arrays[0].dtype)
+        runs = _runs(cells)
         out, start = [], 0
         for a, size in zip(arrays, sizes, strict=True):
             rows = buf[start : start + size].reshape(len(cells), *a.shape[1:])
-            np.take(a, cells, axis=0, out=rows)
+            if runs is None:
+                np.take(a, cells, axis=0, out=rows)
+            else:
+                for begin, end in runs:  # a sequence's cells mostly lie in runs: copy them as blocks
+                    first = int(cells[begin])
+                    rows[begin:end] = a[first : first + end - begin]
             out.append(rows)
             start += size
         return out
@@ -99,6 +106,18 @@ class Backend:
             dst[first : first + n] = data
         else:
             dst[self.index(cells)] = data
+
+
+def _runs(cells: np.ndarray, min_run: int = 8) -> list[tuple[int, int]] | None:
+    """[begin, end) spans of `cells` that are consecutive cell ids (cells 5,6,7,20,21: (0,3), (3,5)),
+    or None when runs are too short on average for block copies to beat a per-row gather."""
+    if len(cells) < 2 * min_run:
+        return None
+    breaks = np.flatnonzero(np.diff(cells) != 1) + 1
+    if (len(breaks) + 1) * min_run > len(cells):
+        return None
+    bounds = [0, *breaks.tolist(), len(cells)]
+    return list(pairwise(bounds))
 
 
 def get_backend(name: str = "auto") -> Backend:

@@ -410,7 +410,9 @@ class KVCache(Memory, Leaf):
         self._leaf(layer)
         lengths = np.array([self._seq[s].n for s in seqs], dtype=np.int64)
         width = int(lengths.max()) if len(seqs) else 0
-        idx = np.zeros((len(seqs), width), dtype=np.int64)  # [S, L] cell ids, 0 on padding
+        # [S, L] cell ids; padding takes cells 0, 1, 2, ... (any valid cells: their rows are zeroed
+        # below), so a padded row stays one run for block copies
+        idx = np.tile(np.arange(width, dtype=np.int64) % self.n_cells, (len(seqs), 1))
         pos = np.full((len(seqs), width), -1, dtype=np.int64)  # [S, L], -1 on padding
         for i, s in enumerate(seqs):
             cells = self._cells(s)
