@@ -106,6 +106,24 @@ class SamplerState:
     def record(self, token: int) -> None:
         self.output_counts[token] = self.output_counts.get(token, 0) + 1
 
+    def to_json(self) -> dict[str, Any]:
+        """The state as JSON-ready data (what a migration sends with the sequence's snapshot)."""
+        return {
+            "seed": self.seed,
+            "rng": {**self.rng, "state": {k: str(v) for k, v in self.rng["state"].items()}},
+            "prompt_tokens": sorted(self.prompt_tokens),
+            "output_counts": [[t, n] for t, n in sorted(self.output_counts.items())],
+        }
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> SamplerState:
+        rng = dict(data["rng"])
+        rng["state"] = {k: int(v) for k, v in rng["state"].items()}  # 128-bit ints travel as strings
+        return SamplerState(
+            int(data["seed"]), rng, {int(t) for t in data["prompt_tokens"]},
+            {int(t): int(n) for t, n in data["output_counts"]},
+        )  # fmt: skip
+
 
 @dataclass(frozen=True)
 class Sample:

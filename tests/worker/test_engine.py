@@ -253,3 +253,19 @@ def test_checkpoints_give_way_to_running_sequences() -> None:
     out = engine.generate([Request("b", tuple(range(100, 170)), params)])["b"]  # needs 74 of 80 cells
     assert len(out) == 4 and engine.counters["preemptions"] == 0
     assert [c.depth for c in engine.prefix.checkpoints] == [64]  # a's went, b's own was kept
+
+
+def test_sampler_state_travels_as_json_and_continues_identically() -> None:
+    import json
+
+    from statemesh.worker.sampling import SamplerState, sample
+
+    rng = np.random.default_rng(5)
+    rows = rng.standard_normal((10, 384)).astype(np.float32)
+    params = SamplingParams(temperature=0.8, top_p=0.9, seed=77, repetition_penalty=1.2, frequency_penalty=0.3)
+    straight = SamplerState.start(params, [1, 2, 3])
+    expected = [sample(r, params, straight).token for r in rows]
+    moved = SamplerState.start(params, [1, 2, 3])
+    first = [sample(r, params, moved).token for r in rows[:5]]
+    moved = SamplerState.from_json(json.loads(json.dumps(moved.to_json())))
+    assert first + [sample(r, params, moved).token for r in rows[5:]] == expected
