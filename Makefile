@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: test test-slow test-thorough lint bench bench-engine fixtures gpu-check clean
+.PHONY: test test-slow test-thorough lint bench bench-engine bench-anchors fixtures gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,13 @@ bench: $(VENV)/.installed
 
 bench-engine: $(VENV)/.installed
 	$(PY) bench/engine.py
+
+# llama.cpp as a benchmark anchor (llama-cpp-python compiles llama.cpp: ~20 minutes); never in the
+# test environment. Then: python bench/engine.py --streams 1 8 32 --anchor llamacpp
+bench-anchors: $(VENV)/.installed
+	test -x .venv-anchors/bin/python || $(PYTHON) -m venv .venv-anchors
+	.venv-anchors/bin/pip install -q numpy llama-cpp-python
+	$(PY) bench/engine.py --streams 1 8 32 --anchor llamacpp
 
 # Rebuild the reference fixtures (tests/fixtures/) with Hugging Face transformers; a developer tool:
 # torch and transformers live in their own venv, never in the test environment.

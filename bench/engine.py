@@ -24,6 +24,7 @@ import os
 import resource
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -100,30 +101,29 @@ def weight_bytes(model: Model) -> tuple[int, int]:
 LLAMA_CPP_STREAMS = {1: 100.0, 8: 165.0, 32: 170.0}
 
 
-def bench_streams(model: Model, streams: int, shared: float, prompt_len: int = 256, new: int = 128) -> None:
-    from statemesh.worker.engine import Engine, EngineConfig, Request
-    from statemesh.worker.sampling import SamplingParams
-
+def stream_prompts(model: Model, streams: int, shared: float, prompt_len: int = 256) -> list[list[int]]:
+    """`streams` prompts of `prompt_len` tokens whose first `shared` fraction is common."""
     base = prompt_tokens(model, prompt_len)
     common = int(prompt_len * shared)
     rng = np.random.default_rng(streams)
-    requests = []
-    for i in range(streams):
-        tail = [int(t) for t in rng.integers(100, 40000, size=prompt_len - common)]
-        requests.append(
-            Request(
-                f"s{i}", tuple(base[:common] + tail), SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
-            )
-        )
-    engine = Engine(
-        model, EngineConfig(n_ctx=streams * (prompt_len + new) + 64, n_seq_max=streams, max_batch_tokens=512)
-    )
+    return [
+        base[:common] + [int(t) for t in rng.integers(100, 40000, size=prompt_len - common)] for _ in range(streams)
+    ]
+
+
+def bench_streams(model: Model, prompts: list[list[int]], new: int = 128) -> dict[str, Any]:
+    from statemesh.worker.engine import Engine, EngineConfig, Request
+    from statemesh.worker.sampling import SamplingParams
+
+    streams = len(prompts)
+    params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
+    requests = [Request(f"s{i}", tuple(p), params) for i, p in enumerate(prompts)]
+    engine = Engine(model, EngineConfig(n_ctx=sum(len(p) for p in prompts) + streams * new + 64, n_seq_max=streams))
     start = time.perf_counter()
     for r in requests:
         engine.add(r)
     first: dict[str, float] = {}
-    decode_start = None
-    produced = 0
+    decode_start, decoded_before, produced = None, 0, 0
     while engine.has_work():
         for event in engine.step():
             produced += 1
@@ -133,11 +133,22 @@ def bench_streams(model: Model, streams: int, shared: float, prompt_len: int = 2
     total = time.perf_counter() - start
     ttft = np.array(sorted(first.values()))
     decode_rate = (produced - decoded_before) / (time.perf_counter() - decode_start) if decode_start else 0.0
-    emit(bench="engine_streams", streams=streams, shared_prefix=shared, prompt_tokens=prompt_len, new_tokens=new,
-         aggregate_tokens_per_s=produced / total, decode_phase_tokens_per_s=decode_rate,
-         ttft_p50_s=float(np.percentile(ttft, 50)), ttft_p99_s=float(np.percentile(ttft, 99)),
-         preemptions=engine.counters["preemptions"],
-         vs_llama_cpp_best=produced / total / LLAMA_CPP_STREAMS.get(streams, float("nan")))  # fmt: skip
+    return {
+        "aggregate_tokens_per_s": produced / total, "decode_phase_tokens_per_s": decode_rate,
+        "ttft_p50_s": float(np.percentile(ttft, 50)), "ttft_p99_s": float(np.percentile(ttft, 99)),
+        "preemptions": engine.counters["preemptions"], "prefix_hits": engine.stats()["prefix_hits"],
+    }  # fmt: skip
+
+
+def run_anchor(python: str, model_path: str, prompts: list[list[int]], new: int) -> dict[str, Any]:
+    """llama.cpp on the same prompts, in the interpreter that has llama-cpp-python."""
+    import subprocess
+
+    script = Path(__file__).with_name("anchor_llamacpp.py")
+    spec = json.dumps({"model": model_path, "prompts": prompts, "new_tokens": new, "threads": 2})
+    done = subprocess.run([python, str(script)], input=spec, capture_output=True, text=True, check=True)
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
 
 
 def main() -> None:
@@ -148,11 +159,30 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--streams", type=int, nargs="*", help="run the engine workload at these stream counts")
     parser.add_argument("--shared", type=float, default=0.0, help="fraction of each prompt shared (with --streams)")
+    parser.add_argument(
+        "--anchor", choices=["llamacpp"], help="also run the workload on llama.cpp (make bench-anchors)"
+    )
+    parser.add_argument("--anchor-python", default=".venv-anchors/bin/python")
     args = parser.parse_args()
     if args.streams:
-        model = load_model(args.model or default_model_path(), backend="numpy", progress=False)
+        path = str(args.model or default_model_path())
+        model = load_model(path, backend="numpy", progress=False)
         for n in args.streams:
-            bench_streams(model, n, args.shared)
+            prompts = stream_prompts(model, n, args.shared)
+            ours = bench_streams(model, prompts)
+            common = {"bench": "engine_streams", "streams": n, "shared_prefix": args.shared, "prompt_tokens": 256,
+                      "new_tokens": 128}  # fmt: skip
+            emit(
+                **common,
+                **ours,
+                vs_llama_cpp_best=ours["aggregate_tokens_per_s"] / LLAMA_CPP_STREAMS.get(n, float("nan")),
+            )
+            if args.anchor:
+                theirs = run_anchor(args.anchor_python, path, prompts, 128)
+                ratio = ours["aggregate_tokens_per_s"] / theirs["aggregate_tokens_per_s"]
+                decode_ratio = ours["decode_phase_tokens_per_s"] / theirs["decode_phase_tokens_per_s"]
+                emit(**common, engine="llama.cpp", **theirs, ours_over_llama_cpp=ratio,
+                     ours_over_llama_cpp_decode=decode_ratio)  # fmt: skip
         return
     start = time.perf_counter()
     model = load_model(args.model or default_model_path(), backend="numpy", progress=False)
