@@ -184,8 +184,8 @@ class Engine:
                 for s, _ in plan.fed:  # sequences admitted by this plan go back to the queue
                     if s.fed == 0 and s.seq is not None and s in self.running and not s.output:
                         self._unadmit(s)
-                if self.prefix.evict():  # cached prefixes give way before running sequences do
-                    continue
+                if self.prefix.evict() or self._evict_one():  # cached prefixes and idle sessions
+                    continue  # give way before any running sequence does
                 if not self._preempt():
                     raise
                 admit = False  # no new work in the step that had to preempt

@@ -269,3 +269,12 @@ def test_sampler_state_travels_as_json_and_continues_identically() -> None:
     first = [sample(r, params, moved).token for r in rows[:5]]
     moved = SamplerState.from_json(json.loads(json.dumps(moved.to_json())))
     assert first + [sample(r, params, moved).token for r in rows[5:]] == expected
+
+
+def test_idle_sessions_give_way_when_a_running_sequence_needs_their_cells() -> None:
+    model = load_model(FIXTURES / "llama", backend="numpy", progress=False)
+    params = SamplingParams(max_tokens=4, temperature=0)
+    engine = Engine(model, EngineConfig(n_ctx=64, n_seq_max=3, prefix_cache_seqs=0))
+    engine.generate([Request("a", tuple(range(20, 50)), params, session="idle")])  # holds ~33 cells
+    out = engine.generate([Request("b", tuple(range(60, 100)), SamplingParams(max_tokens=20, temperature=0))])["b"]
+    assert len(out) == 20 and engine.counters["session_evictions"] == 1 and engine.counters["preemptions"] == 0
