@@ -68,44 +68,41 @@ class Backend:
         out, start = [], 0
         for a, size in zip(arrays, sizes, strict=True):
             rows = buf[start : start + size].reshape(len(cells), *a.shape[1:])
-            if runs is None:
-                np.take(a, cells, axis=0, out=rows)
-            else:
-                for begin, end in runs:  # a sequence's cells mostly lie in runs: copy them as blocks
-                    first = int(cells[begin])
-                    rows[begin:end] = a[first : first + end - begin]
+            _copy_rows(a, cells, rows, runs)
             out.append(rows)
             start += size
         return out
 
     def gather_to_host(self, src: Array, cells: np.ndarray, out: np.ndarray) -> None:
-        """out[i] = src[cells[i]], with `out` a host array; a contiguous run is one block copy."""
-        n = len(cells)
-        if n == 0:
-            return
-        first = int(cells[0])
-        contiguous = int(cells[-1]) - first + 1 == n and bool(np.all(np.diff(cells) == 1))
+        """out[i] = src[cells[i]], with `out` a host array."""
+        runs = _runs(cells)
         if self.is_host:
-            if contiguous:
-                np.copyto(out, src[first : first + n])
-            else:
-                np.take(src, cells, axis=0, out=out)
-        else:
-            rows = src[first : first + n] if contiguous else src[self.index(cells)]
+            _copy_rows(src, cells, out, runs)
+        elif len(cells):
+            one_run = runs is not None and len(runs) == 1
+            rows = src[int(cells[0]) : int(cells[0]) + len(cells)] if one_run else src[self.index(cells)]
             rows.get(out=out)
 
     def scatter_from_host(self, dst: Array, cells: np.ndarray, rows: np.ndarray) -> None:
         """dst[cells[i]] = rows[i], with `rows` a host array."""
-        n = len(cells)
-        if n == 0:
-            return
-        first = int(cells[0])
-        contiguous = int(cells[-1]) - first + 1 == n and bool(np.all(np.diff(cells) == 1))
         data = rows if self.is_host else self.xp.asarray(rows)
-        if contiguous:
-            dst[first : first + n] = data
-        else:
+        runs = _runs(cells)
+        if runs is None:
             dst[self.index(cells)] = data
+            return
+        for begin, end in runs:
+            first = int(cells[begin])
+            dst[first : first + end - begin] = data[begin:end]
+
+
+def _copy_rows(src: Array, cells: np.ndarray, out: np.ndarray, runs: list[tuple[int, int]] | None) -> None:
+    """out[i] = src[cells[i]] on the host: runs of consecutive cells as block copies, else per row."""
+    if runs is None:
+        np.take(src, cells, axis=0, out=out)
+        return
+    for begin, end in runs:  # a sequence's cells mostly lie in runs: copy them as blocks
+        first = int(cells[begin])
+        out[begin:end] = src[first : first + end - begin]
 
 
 def _runs(cells: np.ndarray, min_run: int = 8) -> list[tuple[int, int]] | None:

@@ -132,11 +132,14 @@ class KVCache(Memory, Leaf):
     def _find_free(self, n: int) -> np.ndarray:
         free = np.flatnonzero(self.pos < 0)[:n]
         if len(free) < n:
-            raise MemoryFull(
-                f"{self._name()} needs {n} free cells but has {len(free)} of {self.n_cells} "
-                "(free sequences, or make the cache larger)"
-            )
+            raise self._full(n, len(free))
         return free
+
+    def _full(self, need: int, have: int) -> MemoryFull:
+        return MemoryFull(
+            f"{self._name()} needs {need} free cells but has {have} of {self.n_cells} "
+            "(free sequences, or make the cache larger)"
+        )
 
     def _place_rows(self, seq_ids: np.ndarray, seqs: tuple[int, ...]) -> np.ndarray:
         """Free cells for a micro-batch's rows (row i of the result for seq_ids[i]), placed so
@@ -149,10 +152,7 @@ class KVCache(Memory, Leaf):
         0 (block 0), seq 1 cell 4 (block 1); next step seq 0 takes 1, seq 1 takes 5, ..."""
         free = self.pos < 0
         if int(free.sum()) < len(seq_ids):
-            raise MemoryFull(
-                f"{self._name()} needs {len(seq_ids)} free cells but has {int(free.sum())} of {self.n_cells} "
-                "(free sequences, or make the cache larger)"
-            )
+            raise self._full(len(seq_ids), int(free.sum()))
         n_blocks = self.n_cells // BLOCK
         block_free = np.all(free[: n_blocks * BLOCK].reshape(n_blocks, BLOCK), axis=1, keepdims=False).reshape(n_blocks)
         cells = np.empty(len(seq_ids), dtype=np.int64)

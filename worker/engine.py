@@ -29,7 +29,7 @@ from statemesh.memory.errors import InvalidInput
 from statemesh.worker.model import Model
 from statemesh.worker.prefix_cache import PrefixCache
 from statemesh.worker.sampling import Sample, SamplerState, SamplingParams, sample
-from statemesh.worker.sessions import SessionStore
+from statemesh.worker.sessions import Session, SessionStore
 from statemesh.worker.stops import StopMatcher
 from statemesh.worker.tokenizer import StreamingDetokenizer
 
@@ -114,6 +114,7 @@ class Engine:
             exact=bool(spec.recurrent_layers), window=max(windows) if windows else None,
         )  # fmt: skip
         self.checkpoint_stride = c.prefix_block * c.prefix_stride_blocks if spec.recurrent_layers else None
+        self.has_attention = bool(spec.attention_layers)  # cells grow with tokens; a state does not
         self.waiting: deque[_Sequence] = deque()
         self.running: list[_Sequence] = []
         self.free_seqs = list(range(self.config.n_seq_max - 1, -1, -1))
@@ -140,7 +141,7 @@ class Engine:
                 f"request {request.id}: token ids {bad[:5]} are outside the vocabulary 0 .. {vocab - 1}"
             )
         need = len(prompt) + request.params.max_tokens
-        if self.model.memory_spec().attention_layers and need > self.config.n_ctx:  # recurrent state never grows
+        if self.has_attention and need > self.config.n_ctx:
             raise RequestRefused(
                 f"request {request.id}: prompt ({len(prompt)} tokens) + max_tokens ({request.params.max_tokens}) "
                 f"= {need} exceeds the context of {self.config.n_ctx} tokens; shorten one of them"
@@ -206,9 +207,9 @@ class Engine:
         """Offer the prefix cache what s's prefill has just reached: with recurrent layers every
         stride boundary (the state is exactly there now), else the prompt's last full block once
         its prefill is done."""
-        prompt = list(s.request.prompt)
         if s.seq is None or s.output:
             return
+        prompt = list(s.request.prompt)
         if self.checkpoint_stride:
             if 0 < s.fed < len(prompt) and s.fed % self.checkpoint_stride == 0:
                 self.prefix.add(s.seq, prompt, s.fed)
@@ -299,7 +300,7 @@ class Engine:
             self.counters["session_hits"] += 1
             self.counters["session_tokens_reused"] += keep
 
-    def _restore(self, session: Any, seq: int) -> bool:
+    def _restore(self, session: Session, seq: int) -> bool:
         try:
             self.memory.state_read(session.snapshot, seq=seq)
         except MemoryFull:
@@ -320,7 +321,7 @@ class Engine:
         self.counters["session_evictions"] += 1
         return True
 
-    def _release_admission(self, s: _Sequence, session: Any) -> None:
+    def _release_admission(self, s: _Sequence, session: Session | None) -> None:
         """Undo `_admit` for a sequence that must wait after all (its session keeps its state)."""
         assert s.seq is not None
         if session is not None:
@@ -335,9 +336,9 @@ class Engine:
         """Admit a waiting sequence only when its whole input fits beside this step's other tokens
         (attention cells; a recurrent state always has its slot), so admitting never forces the
         preemption of a running sequence."""
-        stats = self.memory.stats()
-        if not self.model.memory_spec().attention_layers:
+        if not self.has_attention:
             return True
+        stats = self.memory.stats()
         free = int(stats["cells_total"]) - int(stats["cells_used"])
         return free >= len(plan.positions) + len(s.next_input())
 
@@ -488,8 +489,8 @@ class _Plan:
         self.tokens += take
         completes = len(take) == len(todo)
         self.logits += [False] * (len(take) - 1) + [completes]
-        if completes:
-            self.sampling.append((s, sum(self.logits) - 1))
+        if completes:  # its logits row: one row per sampling sequence, in order
+            self.sampling.append((s, len(self.sampling)))
         self.fed.append((s, len(take)))
         return len(take)
 

@@ -78,6 +78,11 @@ def expert_layers(family: str, raw: dict[str, Any], n_layers: int) -> set[int]:
     return {i for i in range(n_layers) if i % int(raw["expert_layer_period"]) == int(raw["expert_layer_offset"])}
 
 
+def fused_experts(w: Weights, gate_up: np.ndarray, down: np.ndarray) -> list[DenseMLP]:
+    """One MLP per expert from fused tensors: gate_up [X, 2F, E] (gate rows, then up rows), down [X, E, F]."""
+    return [DenseMLP(w.put(gate_up[j].T), w.put(down[j].T)) for j in range(len(gate_up))]
+
+
 class HybridModel(Model):
     def __init__(self, config: ModelConfig, tensors: dict[str, np.ndarray], tokenizer: Tokenizer, backend: Backend):
         self.config, self.tokenizer, self.backend = config, tokenizer, backend
@@ -162,7 +167,7 @@ class HybridModel(Model):
         e, f, x = self.config.hidden_size, self.config.intermediate_size, int(raw["num_local_experts"])
         gate_up = w.get(m + "input_linear.weight", (x, 2 * f, e))
         down = w.get(m + "output_linear.weight", (x, e, f))
-        experts = [DenseMLP(w.put(gate_up[j].T), w.put(down[j].T)) for j in range(x)]
+        experts = fused_experts(w, gate_up, down)
         router = w.put(w.get(m + "router.layer.weight", (x, e)).T)  # [E, X]
         return MixtureOfExperts(router, experts, int(raw["num_experts_per_tok"]), renormalize=True)
 
@@ -179,7 +184,7 @@ class HybridModel(Model):
         if m + "experts.gate_up_proj" in w.tensors:
             gate_up = w.get(m + "experts.gate_up_proj", (x, 2 * f, e))
             down = w.get(m + "experts.down_proj", (x, e, f))
-            experts = [DenseMLP(w.put(gate_up[j].T), w.put(down[j].T)) for j in range(x)]
+            experts = fused_experts(w, gate_up, down)
         else:
             experts = [self._mlp(w, m + f"experts.{j}.") for j in range(x)]
         router = w.put(w.get(m + "router.weight", (x, e)).T)  # [E, X]
