@@ -18,6 +18,7 @@ import numpy as np
 from statemesh.memory import snapshot
 from statemesh.memory.backend import Array, Backend
 from statemesh.memory.batch import Batch
+from statemesh.memory.dense_kv import DenseRows
 from statemesh.memory.errors import (
     BatchStateError,
     InvalidInput,
@@ -265,6 +266,9 @@ class Leaf(ABC):
 
     def _kv_batch(self, layer: int, seqs: tuple[int, ...]) -> tuple[Array, Array, Array, Array]:
         raise self._wrong(layer, "kv_batch")
+
+    def _kv_dense(self, layer: int, seqs: tuple[int, ...]) -> DenseRows | None:
+        raise self._wrong(layer, "kv_dense")
 
     def _state(self, ub: MicroBatch, layer: int) -> tuple[Array, Array]:
         raise self._wrong(layer, "state")

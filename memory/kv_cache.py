@@ -24,6 +24,7 @@ import numpy as np
 from statemesh.memory import snapshot
 from statemesh.memory.backend import Array, Backend, get_backend
 from statemesh.memory.base import Leaf, Loader, Memory
+from statemesh.memory.dense_kv import DenseKV, DenseRows
 from statemesh.memory.errors import (
     InvalidInput,
     InvalidLayer,
@@ -43,13 +44,14 @@ BLOCK = 16  # cells a sequence grows into before it needs a new block (placement
 class _SeqCells:
     """One sequence's cells sorted by (position, stamp), in a buffer that grows by doubling.
     Appends write past `n` only, so an undo record `(buf, n)` stays valid; other changes install
-    a new buffer."""
+    a new buffer and bump `epoch`, which tells `DenseKV` that rows it copied may be stale."""
 
-    __slots__ = ("buf", "n")
+    __slots__ = ("buf", "epoch", "n")
 
     def __init__(self) -> None:
         self.buf = np.empty(16, dtype=np.int64)
         self.n = 0
+        self.epoch = 0
 
     @property
     def cells(self) -> np.ndarray:
@@ -67,6 +69,12 @@ class _SeqCells:
     def set(self, cells: np.ndarray) -> None:
         self.buf = np.array(cells, dtype=np.int64)
         self.n = len(cells)
+        self.epoch += 1
+
+    def restore(self, buf: np.ndarray, n: int) -> None:
+        """Back to an undo record: the first n cells are as they were, the rest may differ."""
+        self.buf, self.n = buf, n
+        self.epoch += 1
 
 
 class KVCache(Memory, Leaf):
@@ -109,6 +117,7 @@ class KVCache(Memory, Leaf):
         self._next_stamp = 0
         self._n_used = 0
         self._seq = [_SeqCells() for _ in range(n_seq_max)]
+        self._dense = DenseKV(self, budget=DenseKV.default_budget(n_cells, n_seq_max))
 
     # ---- helpers ---------------------------------------------------------------------------------
 
@@ -229,6 +238,7 @@ class KVCache(Memory, Leaf):
         self._n_used = 0
         for s in self._seq:
             s.set(np.empty(0, dtype=np.int64))
+        self._dense = DenseKV(self, budget=self._dense.budget)  # let its buffers go
 
     def seq_rm(self, seq: int | None, p0: int | None = None, p1: int | None = None) -> bool:
         self._mutate()
@@ -351,6 +361,7 @@ class KVCache(Memory, Leaf):
             "cells_used": self._n_used,
             "seqs": len(self.seq_ids()),
             "bytes": int(nbytes),
+            "dense_bytes": self._dense.nbytes,
             "device": self.backend.name,
             "layers": list(self.layers),
             "window": self.window,
@@ -425,6 +436,12 @@ class KVCache(Memory, Leaf):
         k[padding] = 0
         v[padding] = 0
         return k, v, self.backend.asarray(pos), self.backend.asarray(lengths)
+
+    def _kv_dense(self, layer: int, seqs: tuple[int, ...]) -> DenseRows | None:
+        self._leaf(layer)
+        if self.window is not None:  # windowed sequences drop their oldest rows every step
+            return None
+        return self._dense.rows(layer, seqs)
 
     # ---- batches ---------------------------------------------------------------------------------
 
@@ -625,7 +642,10 @@ class _KVTransaction(Transaction):
         for cells, pos, owners, stamp in reversed(self.cell_log):
             c.pos[cells], c.owners[cells], c.stamp[cells] = pos, owners, stamp
         for seq, (buf, n) in self.seq_log.items():
-            c._seq[seq].buf, c._seq[seq].n = buf, n
+            if self.real:  # a dry run's rows were never read, so the dense copies stay valid
+                c._seq[seq].restore(buf, n)
+            else:
+                c._seq[seq].buf, c._seq[seq].n = buf, n
         for cells, rows in reversed(self.data_log):
             idx = c.backend.index(cells)
             for layer, (k, v) in rows.items():

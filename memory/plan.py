@@ -25,6 +25,7 @@ from statemesh.memory.errors import BatchStateError, InvalidBatch
 
 if TYPE_CHECKING:
     from statemesh.memory.base import Memory
+    from statemesh.memory.dense_kv import DenseRows
 
 
 class MicroBatch:
@@ -72,6 +73,16 @@ class MicroBatch:
         memory = self._live()
         chosen = self.seqs if seqs is None else tuple(memory._check_seq(s) for s in seqs)
         return memory._leaf(layer)._kv_batch(layer, chosen)
+
+    def kv_dense(self, layer: int, seqs: tuple[int, ...] | None = None) -> DenseRows | None:
+        """For decoding: every key and value of `seqs` (default `self.seqs`), head-major and padded,
+        from buffers kept between calls, so only rows added since the last call are copied (see
+        `DenseKV`). Rows are sorted by position, so a query at a sequence's last position sees all
+        of its `lengths[r]` keys. None when these buffers are unavailable (a windowed layer, or
+        more rows than their budget): then use `kv_batch`."""
+        memory = self._live()
+        chosen = self.seqs if seqs is None else tuple(memory._check_seq(s) for s in seqs)
+        return memory._leaf(layer)._kv_dense(layer, chosen)
 
     def state(self, layer: int) -> tuple[Array, Array]:
         """The recurrent state before this micro-batch: conv `[len(seqs), *conv_shape]`, ssm

@@ -26,18 +26,76 @@ def attend(
     softcap: float | None = None,
 ) -> Any:
     """q [n, H, D] for the rows of `ub` -> attention output [n, H, Dv], every row over its own
-    sequence's keys (which `ub.store_kv` has already written for this micro-batch). Several
-    sequences are attended at once, padded (`attend_batched`); one goes through `attend_each`."""
-    counts = {seq: int(n) for seq, n in zip(*np.unique(ub.seq_ids, return_counts=True), strict=True)}
-    decoding = tuple(seq for seq in ub.seqs if counts[seq] == 1)
-    if len(decoding) < 2:
+    sequence's keys (which `ub.store_kv` has already written for this micro-batch).
+
+    Sequences with one new row (decoding) go together: through the memory's dense rows kept
+    between steps (`attend_dense`, nothing gathered but the new rows), else padded (`attend_batched`).
+    A sequence with a chunk of prompt goes alone (`attend_each`), so no decoding sequence is padded
+    to a chunk's length."""
+    seq_ids = np.sort(ub.seq_ids)
+    single = np.ones(len(seq_ids), dtype=np.bool_)  # its sequence has just this row
+    single[1:] &= seq_ids[1:] != seq_ids[:-1]
+    single[:-1] &= seq_ids[1:] != seq_ids[:-1]
+    one_row = set(seq_ids[single].tolist())
+    decoding = tuple(seq for seq in ub.seqs if seq in one_row)
+    prefilling = tuple(seq for seq in ub.seqs if seq not in one_row)
+    out = None
+    if decoding and window is None:
+        out = attend_dense(q, ub, layer, scale, softcap, decoding)
+    if out is None and len(decoding) >= 2:
+        out = attend_batched(q, ub, layer, scale, window, softcap, decoding)
+    if out is None:
         return attend_each(q, ub, layer, scale, window, softcap, ub.seqs)
-    # Sequences with one new token (decoding) go together; a sequence with a chunk of prompt goes
-    # alone, so no decoding sequence is padded to a prompt chunk's length.
-    out = attend_batched(q, ub, layer, scale, window, softcap, decoding)
-    prefilling = tuple(seq for seq in ub.seqs if counts[seq] > 1)
     if prefilling:
         out = attend_each(q, ub, layer, scale, window, softcap, prefilling, out)
+    return out
+
+
+def attend_dense(
+    q: Any,
+    ub: MicroBatch,
+    layer: int,
+    scale: float,
+    softcap: float | None,
+    seqs: tuple[int, ...],
+) -> Any | None:
+    """The one query row of each of `seqs` (full attention, each at its sequence's last position)
+    over the memory's dense rows `[R, Hkv, L, D]`: two batched matmuls, no gather. Returns [n, H, Dv]
+    filled for those rows, or None when the memory has no dense rows for them."""
+    dense = ub.kv_dense(layer, seqs)
+    if dense is None:
+        return None
+    order = np.argsort(ub.seq_ids, kind="stable")
+    mine = order[np.searchsorted(ub.seq_ids[order], seqs)]  # each sequence's one row in ub
+    if np.any(ub.positions[mine] < dense.last_positions):
+        return None  # a key beyond the query (a hybrid restarted below its cells): needs masks
+    xp = xp_of(q)
+    n, n_heads, head_dim = q.shape
+    n_rows, n_kv, width, _ = dense.k.shape
+    group = n_heads // n_kv
+    mine_dev = xp.asarray(mine)
+    queries = q[mine_dev].reshape(len(seqs), n_kv, group, head_dim)  # [S, Hkv, G, D]
+    identity = n_rows == len(seqs) and bool(np.all(dense.rows == np.arange(n_rows)))
+    rows_dev = xp.asarray(dense.rows)
+    if not identity:  # rows of the range that no sequence asked for get zero queries
+        padded = xp.zeros((n_rows, n_kv, group, head_dim), dtype=q.dtype)
+        padded[rows_dev] = queries
+        queries = padded
+    scores = queries @ dense.k.transpose(0, 1, 3, 2)  # [R, Hkv, G, D] @ [R, Hkv, D, L] -> [R, Hkv, G, L]
+    scores *= xp.float32(scale)
+    if softcap is not None:
+        scores = xp.tanh(scores / xp.float32(softcap)) * xp.float32(softcap)
+    if np.any(dense.lengths < width):
+        visible = (np.arange(width)[None, :] < dense.lengths[:, None]) | (dense.lengths[:, None] == 0)  # [R, L]
+        scores = xp.where(xp.asarray(visible)[:, None, None, :], scores, xp.float32(-np.inf))
+    scores -= scores.max(axis=-1, keepdims=True)
+    probs = xp.exp(scores, out=scores)
+    probs /= probs.sum(axis=-1, keepdims=True)
+    o = probs @ dense.v  # [R, Hkv, G, L] @ [R, Hkv, L, Dv] -> [R, Hkv, G, Dv]
+    if not identity:
+        o = o[rows_dev]
+    out = xp.empty((n, n_heads, o.shape[-1]), dtype=q.dtype)
+    out[mine_dev] = o.reshape(len(seqs), n_heads, -1)
     return out
 
 

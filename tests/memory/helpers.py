@@ -74,10 +74,19 @@ def fold(
 
 
 def observe(mem: Memory) -> tuple[bytes, dict[str, Any], list[tuple[int, int, int]]]:
-    """Everything a caller can see: the content (a snapshot), the counters and each sequence's span."""
-    stats = mem.stats()
+    """Everything a caller can see: the content (a snapshot), the counters and each sequence's span.
+    Not the size of the dense decode buffers (`DenseKV`): they are a cache of rows, not state."""
+    stats = _without_dense_bytes(mem.stats())
     spans = [(s, mem.seq_pos_min(s), mem.seq_pos_max(s)) for s in mem.seq_ids()]
     return mem.state_write(), stats, spans
+
+
+def _without_dense_bytes(stats: Any) -> Any:
+    if isinstance(stats, dict):
+        return {k: _without_dense_bytes(v) for k, v in stats.items() if k != "dense_bytes"}
+    if isinstance(stats, list):
+        return [_without_dense_bytes(v) for v in stats]
+    return stats
 
 
 def make(kind: str, n_ctx: int = 32, n_seq_max: int = 4, **kw: Any) -> Memory:

@@ -61,12 +61,14 @@ class Run:
                     layer, s, lambda layer=layer, s=s: mem.kv(layer, s), lambda layer=layer, s=s: mem.state(layer, s)
                 )
 
-    def check_rows(self, layer: int, seq: int, read_kv: Any, read_state: Any) -> None:
+    def check_rows(self, layer: int, seq: int, read_kv: Any, read_state: Any, positions: bool = True) -> None:
         part = self.ref.part_of(layer)
         if isinstance(self.mem.spec.layers[layer], AttentionSpec):
             k, v, pos = read_kv()
             uids = part.view(seq)
-            assert pos.tolist() == [part.cells[u].pos for u in uids]
+            assert len(k) == len(uids)
+            if positions:
+                assert pos.tolist() == [part.cells[u].pos for u in uids]
             for i, u in enumerate(uids):
                 np.testing.assert_array_equal(k[i], part.cells[u].rows[layer][0])
                 np.testing.assert_array_equal(v[i], part.cells[u].rows[layer][1])
@@ -140,6 +142,17 @@ class Run:
         saved, self.ref = self.ref, work
         try:
             self.check_rows(layer, seq, lambda: ub.kv(layer, seq), None)
+            # the dense rows kept between batches must follow every change the operations made
+            asked = tuple(sorted(set(ub.seqs) | {seq}))
+            dense = ub.kv_dense(layer, asked)
+            if dense is not None:
+                i = asked.index(seq)
+                r, n = int(dense.rows[i]), int(dense.lengths[int(dense.rows[i])])
+                k, v = dense.k[r, :, :n].transpose(1, 0, 2), dense.v[r, :, :n].transpose(1, 0, 2)
+                self.check_rows(layer, seq, lambda: (k, v, None), None, positions=False)
+                part = work.part_of(layer)
+                last = part.cells[part.view(seq)[-1]].pos if n else -1
+                assert int(dense.last_positions[i]) == last
         finally:
             self.ref = saved
 

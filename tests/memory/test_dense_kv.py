@@ -1,0 +1,99 @@
+"""`ub.kv_dense`: decoding sequences' rows kept dense between steps, never stale.
+
+(`test_properties.py` also checks them after every random operation against the reference.)"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from statemesh.memory import Batch, Memory
+from tests.memory.helpers import D, H, make, run_step, store_ubatch, token_rows
+
+
+def dense_after_step(mem: Memory, positions: list[int], seq_ids: list[int], layer: int = 1) -> Any:
+    """Run one step and return what kv_dense gave, with kv's rows for each sequence to compare."""
+    got = {}
+    with mem.batch(Batch(positions, seq_ids)) as plan:
+        for ub in plan:
+            store_ubatch(mem, ub, 0.0)
+            got["dense"] = ub.kv_dense(layer)
+            got["kv"] = {s: ub.kv(layer, s) for s in ub.seqs}
+            got["seqs"] = ub.seqs
+    return got["dense"], got["kv"], got["seqs"]
+
+
+def assert_matches_kv(dense: Any, kv: dict[int, Any], seqs: tuple[int, ...]) -> None:
+    for i, s in enumerate(seqs):
+        r, (k, v, pos) = int(dense.rows[i]), kv[s]
+        assert dense.lengths[r] == len(k) and dense.last_positions[i] == pos[-1]
+        np.testing.assert_array_equal(dense.k[r, :, : len(k)], k.transpose(1, 0, 2))
+        np.testing.assert_array_equal(dense.v[r, :, : len(v)], v.transpose(1, 0, 2))
+
+
+def test_rows_follow_decoding_and_cover_a_range_of_sequence_ids() -> None:
+    mem = make("kv", n_ctx=64, n_seq_max=6)
+    run_step(mem, [0, 1, 2, 0, 0, 1], [1, 1, 1, 3, 4, 4])
+    for p in range(3):
+        dense, kv, seqs = dense_after_step(mem, [3 + p, 1 + p, 2 + p], [1, 3, 4])
+        assert_matches_kv(dense, kv, seqs)
+    # sequences 1, 3, 4 -> rows 0, 2, 3 of the range 1..4; row 1 (sequence 2) is not theirs
+    assert dense.rows.tolist() == [0, 2, 3] and dense.lengths.tolist() == [6, 0, 4, 5]
+    assert dense.k.shape == (4, H, 6, D)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        ("cut the tail, then reuse its cells", lambda m: m.seq_rm(1, 2)),
+        ("shift positions (keys re-rotated)", lambda m: m.seq_add(1, 0, None, 5)),
+        ("copy another sequence over it", lambda m: m.seq_cp(2, 1)),
+        ("restore a snapshot", lambda m: m.state_read(m.state_write(2), seq=1)),
+        ("clear", lambda m: (m.clear(), run_step(m, [0, 1], [1, 1]))),
+    ],
+    ids=lambda c: c[0],
+)
+def test_rows_are_rebuilt_after_any_change_other_than_an_append(change: Any) -> None:
+    def k_shift(layer: int, k: Any, delta: Any) -> Any:
+        return k + np.asarray(delta, dtype=np.float32)[:, None, None]
+
+    mem = make("kv", n_ctx=64, n_seq_max=4, k_shift=k_shift)
+    run_step(mem, [0, 1, 2, 3, 0, 1, 2], [1, 1, 1, 1, 2, 2, 2], salt=0.5)
+    dense_after_step(mem, [4], [1])  # sequence 1's rows are now dense
+    change[1](mem)
+    nxt = mem.seq_pos_max(1) + 1
+    dense, kv, seqs = dense_after_step(mem, [nxt], [1])
+    assert_matches_kv(dense, kv, seqs)
+
+
+def test_an_undone_batch_leaves_no_stale_rows() -> None:
+    mem = make("kv", n_ctx=64, n_seq_max=2)
+    run_step(mem, [0, 1], [0, 0])
+    with pytest.raises(RuntimeError), mem.batch(Batch([2], [0])) as plan:
+        for ub in plan:
+            store_ubatch(mem, ub, 0.0)
+            ub.kv_dense(1)  # copies the row of position 2, which the failure then undoes
+            raise RuntimeError("the model failed")
+    dense, kv, seqs = dense_after_step(mem, [2], [0])  # the same cell, different rows (no salt)
+    assert_matches_kv(dense, kv, seqs)
+
+
+def test_none_for_a_windowed_layer_or_beyond_the_budget() -> None:
+    iswa = make("iswa", n_ctx=32, n_seq_max=2)
+    run_step(iswa, [0, 1], [0, 0])
+    with iswa.batch(Batch([2], [0])) as plan:
+        for ub in plan:
+            store_ubatch(iswa, ub, 0.0)
+            assert ub.kv_dense(0) is None  # windowed
+            assert ub.kv_dense(1) is not None  # full attention
+    mem = make("kv", n_ctx=256, n_seq_max=2)
+    mem._dense.budget = 128  # two sequence slots of up to 64 rows
+    run_step(mem, list(range(100)), [1] * 100)
+    with mem.batch(Batch([100], [1])) as plan:
+        for ub in plan:
+            store_ubatch(mem, ub, 0.0)
+            assert ub.kv_dense(1) is None
+            k, _, _ = ub.kv(1, 1)
+            np.testing.assert_array_equal(k[-1], token_rows(1, np.array([1]), np.array([100]), 0.0, (H, D))[0])
