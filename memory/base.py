@@ -267,7 +267,7 @@ class Leaf(ABC):
     def _kv_batch(self, layer: int, seqs: tuple[int, ...]) -> tuple[Array, Array, Array, Array]:
         raise self._wrong(layer, "kv_batch")
 
-    def _kv_dense(self, layer: int, seqs: tuple[int, ...]) -> DenseRows | None:
+    def _kv_dense(self, ub: MicroBatch, layer: int, seqs: tuple[int, ...]) -> DenseRows | None:
         raise self._wrong(layer, "kv_dense")
 
     def _state(self, ub: MicroBatch, layer: int) -> tuple[Array, Array]:

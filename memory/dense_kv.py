@@ -12,6 +12,10 @@ Layout, per layer: k `[slots, Hkv, L_cap, D]`, v `[slots, Hkv, L_cap, Dv]`; slot
 `_SeqCells` bumps its epoch on every change other than an append (a removal, a copy, a shift, a
 restore, an undone batch), so a stale slot is rebuilt from the cells, never trusted.
 
+The copies a micro-batch needs are the same for every layer, so they are planned once, at its
+first call (`_Step`), and each layer's call then makes just its own copy (a layer that was not
+called before the next plan is marked stale, and rebuilt when next asked for).
+
 The buffers hold at most `budget` rows (slots * L_cap; by default the cache's own cell count, so
 memory at most doubles, or one ROUND per sequence id for a tiny cache). When a call would need
 more, it returns None and the caller gathers.
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -48,14 +52,36 @@ class DenseRows:
     last_positions: np.ndarray  # [S] int64, host: each sequence's last (largest) key position
 
 
+Copies = tuple[np.ndarray, np.ndarray, np.ndarray]  # cells, and the (slot, row) each one goes to
+
+
+@dataclass
+class _Step:
+    """The plan for one micro-batch's calls with one set of sequences."""
+
+    ub: Any  # the micro-batch (compared by identity)
+    seqs: tuple[int, ...]
+    version: int  # the cache's version when planned
+    lo: int  # slots lo .. hi-1 cover seqs
+    hi: int
+    width: int  # the longest sequence's rows
+    lengths: np.ndarray
+    rows: np.ndarray
+    last_positions: np.ndarray
+    pending: dict[int, Copies]  # layer -> copies it has not made yet
+
+
 class DenseKV:
     def __init__(self, cache: KVCache, budget: int):
         self.cache = cache
         self.budget = budget
         self._k: dict[int, Array] = {}
         self._v: dict[int, Array] = {}
-        self._epoch = {layer: np.full(cache.n_seq_max, -1, dtype=np.int64) for layer in cache.layers}
-        self._count = {layer: np.zeros(cache.n_seq_max, dtype=np.int64) for layer in cache.layers}
+        self._layer_index = {layer: i for i, layer in enumerate(cache.layers)}
+        # per layer and slot: the epoch of the sequence's index its rows were copied under, and how many
+        self._epoch = np.full((len(cache.layers), cache.n_seq_max), -1, dtype=np.int64)
+        self._count = np.zeros((len(cache.layers), cache.n_seq_max), dtype=np.int64)
+        self._step: _Step | None = None
 
     @staticmethod
     def default_budget(n_cells: int, n_seq_max: int) -> int:
@@ -65,45 +91,70 @@ class DenseKV:
     def nbytes(self) -> int:
         return sum(int(a.nbytes) for a in (*self._k.values(), *self._v.values()))
 
-    def rows(self, layer: int, seqs: tuple[int, ...]) -> DenseRows | None:
+    def rows(self, ub: Any, layer: int, seqs: tuple[int, ...]) -> DenseRows | None:
+        step = self._step
+        if step is None or step.ub is not ub or step.seqs != seqs or step.version != self.cache._version:
+            step = self._plan(ub, seqs)
+            if step is None:
+                return None
+        self._fit(layer, step.hi, step.width)
+        k, v = self._k[layer], self._v[layer]
+        copies = step.pending.pop(layer, None)
+        if copies is not None and len(copies[0]):
+            cells, slots, rows = (self.cache.backend.index(a) for a in copies)
+            # advanced indices around a slice: the [m] axis comes first, as in the cache's [m, Hkv, D]
+            k[slots, :, rows] = self.cache._k[layer][cells]
+            v[slots, :, rows] = self.cache._v[layer][cells]
+        lo, hi, width = step.lo, step.hi, step.width
+        return DenseRows(k[lo:hi, :, :width], v[lo:hi, :, :width], step.lengths, step.rows, step.last_positions)
+
+    def _plan(self, ub: Any, seqs: tuple[int, ...]) -> _Step | None:
+        """What each layer must copy for `seqs` in this micro-batch; None (nothing changed) when
+        their rows would not fit the budget."""
         cache = self.cache
         held = [cache._seq[s] for s in seqs]
         seq_ids = np.array(seqs, dtype=np.int64)
-        lo, hi = int(seq_ids.min()), int(seq_ids.max()) + 1
-        width = max(h.n for h in held)
-        if not self._fit(layer, hi, width):
-            return None
-        epoch, count = self._epoch[layer], self._count[layer]
         n = np.array([h.n for h in held], dtype=np.int64)
+        lo, hi, width = int(seq_ids.min()), int(seq_ids.max()) + 1, int(n.max())
+        if hi * width > self.budget:
+            return None
+        if self._step is not None:  # a layer that never made its copies: its rows are stale
+            for layer, (_, slots, _) in self._step.pending.items():
+                self._epoch[self._layer_index[layer], slots] = -1
         now = np.array([h.epoch for h in held], dtype=np.int64)
-        start = np.where((epoch[seq_ids] == now) & (count[seq_ids] <= n), count[seq_ids], 0)
-        epoch[seq_ids], count[seq_ids] = now, n
-        k, v = self._k[layer], self._v[layer]
-        added = n - start
-        if added.any():
-            # the usual step: one new row per sequence; a rebuilt sequence brings all of its rows
-            cells = np.concatenate([h.buf[a:b] for h, a, b in zip(held, start, n, strict=True) if b > a])
-            slots = np.repeat(seq_ids, added)
-            rows = np.arange(len(cells)) - np.repeat(np.cumsum(added) - added - start, added)
-            k_rows, v_rows = cache.backend.take_rows([cache._k[layer], cache._v[layer]], cells)  # [m, Hkv, D]
-            slots_dev, rows_dev = cache.backend.index(slots), cache.backend.index(rows)
-            k[slots_dev, :, rows_dev] = k_rows  # advanced indices around a slice: the [m] axis comes first
-            v[slots_dev, :, rows_dev] = v_rows
+        epoch, count = self._epoch[:, seq_ids], self._count[:, seq_ids]  # [layers, S]
+        start = np.where((epoch == now) & (count <= n), count, 0)
+        self._epoch[:, seq_ids], self._count[:, seq_ids] = now, n
+        if (start == start[0]).all():  # as usual, every layer starts where the others do: plan once
+            same = self._copies(held, seq_ids, n, start[0])
+            pending = dict.fromkeys(self._layer_index, same)
+        else:
+            pending = {layer: self._copies(held, seq_ids, n, start[i]) for layer, i in self._layer_index.items()}
         lengths = np.zeros(hi - lo, dtype=np.int64)
         lengths[seq_ids - lo] = n
-        last = cache.pos[[h.buf[h.n - 1] if h.n else 0 for h in held]]
-        last[[h.n == 0 for h in held]] = -1
-        return DenseRows(k[lo:hi, :, :width], v[lo:hi, :, :width], lengths, seq_ids - lo, last)
+        last = np.where(n > 0, cache.pos[[h.buf[max(h.n - 1, 0)] for h in held]], -1)
+        self._step = _Step(ub, seqs, cache._version, lo, hi, width, lengths, seq_ids - lo, last, pending)
+        return self._step
 
-    def _fit(self, layer: int, slots: int, width: int) -> bool:
-        """Make layer's buffers at least [slots, :, width] within the budget; False if they can't be."""
+    @staticmethod
+    def _copies(held: list[Any], seq_ids: np.ndarray, n: np.ndarray, start: np.ndarray) -> Copies:
+        """The cells from `start` to `n` of each sequence, and where they go (its slot, its row)."""
+        added = n - start
+        if not added.any():
+            empty = np.empty(0, dtype=np.int64)
+            return empty, empty, empty
+        cells = np.concatenate([h.buf[a:b] for h, a, b in zip(held, start, n, strict=True) if b > a])
+        slots = np.repeat(seq_ids, added)
+        rows = np.arange(len(cells)) - np.repeat(np.cumsum(added) - added - start, added)
+        return cells, slots, rows
+
+    def _fit(self, layer: int, slots: int, width: int) -> None:
+        """Make layer's buffers at least [slots, :, width] (the plan checked the budget)."""
         k = self._k.get(layer)
         have_slots, have_width = (k.shape[0], k.shape[2]) if k is not None else (0, 0)
         if slots <= have_slots and width <= have_width:
-            return True
+            return
         slots = max(slots, have_slots)
-        if slots * width > self.budget:
-            return False
         if width > have_width:
             wanted = ROUND * math.ceil(max(width, GROWTH * have_width) / ROUND)
             width = max(width, min(wanted, self.budget // slots))
@@ -117,4 +168,3 @@ class DenseKV:
             grown_k[:have_slots, :, :have_width] = k
             grown_v[:have_slots, :, :have_width] = self._v[layer]
         self._k[layer], self._v[layer] = grown_k, grown_v
-        return True

@@ -437,11 +437,11 @@ class KVCache(Memory, Leaf):
         v[padding] = 0
         return k, v, self.backend.asarray(pos), self.backend.asarray(lengths)
 
-    def _kv_dense(self, layer: int, seqs: tuple[int, ...]) -> DenseRows | None:
+    def _kv_dense(self, ub: MicroBatch, layer: int, seqs: tuple[int, ...]) -> DenseRows | None:
         self._leaf(layer)
         if self.window is not None:  # windowed sequences drop their oldest rows every step
             return None
-        return self._dense.rows(layer, seqs)
+        return self._dense.rows(ub, layer, seqs)
 
     # ---- batches ---------------------------------------------------------------------------------
 

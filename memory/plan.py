@@ -82,7 +82,7 @@ class MicroBatch:
         more rows than their budget): then use `kv_batch`."""
         memory = self._live()
         chosen = self.seqs if seqs is None else tuple(memory._check_seq(s) for s in seqs)
-        return memory._leaf(layer)._kv_dense(layer, chosen)
+        return memory._leaf(layer)._kv_dense(self, layer, chosen)
 
     def state(self, layer: int) -> tuple[Array, Array]:
         """The recurrent state before this micro-batch: conv `[len(seqs), *conv_shape]`, ssm

@@ -32,13 +32,16 @@ def attend(
     between steps (`attend_dense`, nothing gathered but the new rows), else padded (`attend_batched`).
     A sequence with a chunk of prompt goes alone (`attend_each`), so no decoding sequence is padded
     to a chunk's length."""
-    seq_ids = np.sort(ub.seq_ids)
-    single = np.ones(len(seq_ids), dtype=np.bool_)  # its sequence has just this row
-    single[1:] &= seq_ids[1:] != seq_ids[:-1]
-    single[:-1] &= seq_ids[1:] != seq_ids[:-1]
-    one_row = set(seq_ids[single].tolist())
-    decoding = tuple(seq for seq in ub.seqs if seq in one_row)
-    prefilling = tuple(seq for seq in ub.seqs if seq not in one_row)
+    decoding: tuple[int, ...] = ub.seqs  # as in a decode step: one row per sequence
+    prefilling: tuple[int, ...] = ()
+    if len(ub.seq_ids) != len(ub.seqs):
+        seq_ids = np.sort(ub.seq_ids)
+        single = np.ones(len(seq_ids), dtype=np.bool_)  # its sequence has just this row
+        single[1:] &= seq_ids[1:] != seq_ids[:-1]
+        single[:-1] &= seq_ids[1:] != seq_ids[:-1]
+        one_row = set(seq_ids[single].tolist())
+        decoding = tuple(seq for seq in ub.seqs if seq in one_row)
+        prefilling = tuple(seq for seq in ub.seqs if seq not in one_row)
     out = None
     if decoding and window is None:
         out = attend_dense(q, ub, layer, scale, softcap, decoding)
@@ -65,8 +68,13 @@ def attend_dense(
     dense = ub.kv_dense(layer, seqs)
     if dense is None:
         return None
-    order = np.argsort(ub.seq_ids, kind="stable")
-    mine = order[np.searchsorted(ub.seq_ids[order], seqs)]  # each sequence's one row in ub
+    # each sequence's one row in ub; all_rows: the micro-batch is exactly these rows, in order
+    all_rows = len(ub.seq_ids) == len(seqs) and ub.seq_ids.tolist() == list(seqs)
+    if all_rows:
+        mine = np.arange(len(seqs))
+    else:
+        order = np.argsort(ub.seq_ids, kind="stable")
+        mine = order[np.searchsorted(ub.seq_ids[order], seqs)]
     if np.any(ub.positions[mine] < dense.last_positions):
         return None  # a key beyond the query (a hybrid restarted below its cells): needs masks
     xp = xp_of(q)
@@ -74,8 +82,8 @@ def attend_dense(
     n_rows, n_kv, width, _ = dense.k.shape
     group = n_heads // n_kv
     mine_dev = xp.asarray(mine)
-    queries = q[mine_dev].reshape(len(seqs), n_kv, group, head_dim)  # [S, Hkv, G, D]
-    identity = n_rows == len(seqs) and bool(np.all(dense.rows == np.arange(n_rows)))
+    queries = (q if all_rows else q[mine_dev]).reshape(len(seqs), n_kv, group, head_dim)  # [S, Hkv, G, D]
+    identity = n_rows == len(seqs) and bool(np.all(np.diff(dense.rows) == 1))  # row i is seqs[i]
     rows_dev = xp.asarray(dense.rows)
     if not identity:  # rows of the range that no sequence asked for get zero queries
         padded = xp.zeros((n_rows, n_kv, group, head_dim), dtype=q.dtype)
@@ -94,8 +102,11 @@ def attend_dense(
     o = probs @ dense.v  # [R, Hkv, G, L] @ [R, Hkv, L, Dv] -> [R, Hkv, G, Dv]
     if not identity:
         o = o[rows_dev]
+    o = o.reshape(len(seqs), n_heads, -1)  # [S, H, Dv]
+    if all_rows:
+        return o
     out = xp.empty((n, n_heads, o.shape[-1]), dtype=q.dtype)
-    out[mine_dev] = o.reshape(len(seqs), n_heads, -1)
+    out[mine_dev] = o
     return out
 
 
