@@ -14,6 +14,9 @@ measured on this kind of machine (2 cores): llama.cpp on the Q4_1 file 184 prefi
 tokens/s (200 / 100 with flash attention); targets: prefill >= 2x and decode >= 0.4x llama.cpp's best.
 Single-stream decode is bound by streaming the float32 weights once per token: the bound printed is
 weight bytes / the matrix-vector bandwidth measured in this run.
+
+It runs as the service's workers do, with `statemesh.worker.runtime.worker_environment()` (it starts
+itself again with those settings when they are missing; --plain-env runs without them).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import json
 import os
 import resource
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +35,7 @@ import numpy as np
 
 from statemesh.memory import Batch
 from statemesh.worker import Model, default_model_path, load_model
+from statemesh.worker.runtime import missing_settings, worker_environment
 
 LLAMA_CPP_BEST = {"prefill_tokens_per_s": 200.0, "decode_tokens_per_s": 100.0}
 
@@ -88,12 +93,12 @@ def matvec_bandwidth() -> float:
 def weight_bytes(model: Model) -> tuple[int, int]:
     """(all weight bytes, the bytes one decode step streams: all but the embedding table, of which
     a step reads one row)."""
-    arrays: list[np.ndarray] = []
+    arrays: dict[int, np.ndarray] = {}  # by id: the tied head's [V, E] is the embedding itself
     for value in vars(model).values():
         for item in value if isinstance(value, list) else [value]:
-            fields = vars(item).values() if hasattr(item, "__dataclass_fields__") else [item]
-            arrays += [a for a in fields if isinstance(a, np.ndarray)]
-    total = sum(a.nbytes for a in arrays)
+            fields = vars(item).values() if hasattr(item, "__dict__") else [item]
+            arrays.update((id(a), a) for a in fields if isinstance(a, np.ndarray))
+    total = sum(a.nbytes for a in arrays.values())
     embedding = getattr(model, "embedding", None)
     return total, total - (embedding.nbytes if isinstance(embedding, np.ndarray) else 0)
 
@@ -163,7 +168,13 @@ def main() -> None:
         "--anchor", choices=["llamacpp"], help="also run the workload on llama.cpp (make bench-anchors)"
     )
     parser.add_argument("--anchor-python", default=".venv-anchors/bin/python")
+    parser.add_argument(
+        "--plain-env", action="store_true", help="run without the worker settings (statemesh.worker.runtime)"
+    )
     args = parser.parse_args()
+    missing = missing_settings()
+    if missing and not args.plain_env:  # read at process start: run again with them
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **worker_environment()})
     if args.streams:
         path = str(args.model or default_model_path())
         model = load_model(path, backend="numpy", progress=False)
@@ -171,7 +182,7 @@ def main() -> None:
             prompts = stream_prompts(model, n, args.shared)
             ours = bench_streams(model, prompts)
             common = {"bench": "engine_streams", "streams": n, "shared_prefix": args.shared, "prompt_tokens": 256,
-                      "new_tokens": 128}  # fmt: skip
+                      "new_tokens": 128, "worker_env": not missing}  # fmt: skip
             emit(
                 **common,
                 **ours,
@@ -194,7 +205,8 @@ def main() -> None:
     bandwidth = matvec_bandwidth()
     nbytes, streamed = weight_bytes(model)
     threads = os.environ.get("OMP_NUM_THREADS") or os.environ.get("OPENBLAS_NUM_THREADS") or "default"
-    common = {"model": model.config.name, "backend": "numpy", "cpus": os.cpu_count(), "blas_threads": threads}
+    common = {"model": model.config.name, "backend": "numpy", "cpus": os.cpu_count(), "blas_threads": threads,
+              "worker_env": not missing}  # fmt: skip
     emit(bench="load", seconds=load_s, weight_bytes=nbytes, **common)
     emit(bench="prefill", prompt_tokens=len(ids), tokens_per_s=prefill,
          vs_llama_cpp_best=prefill / LLAMA_CPP_BEST["prefill_tokens_per_s"], target=2.0, **common)  # fmt: skip

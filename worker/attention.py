@@ -9,12 +9,16 @@ A query at position p sees the keys at positions <= p, and with a window W only 
 
 from __future__ import annotations
 
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
 
 from statemesh.memory import MicroBatch
 from statemesh.worker.nn import xp_of
+from statemesh.worker.threads import Threads
+
+MIN_PART = 8  # sequences per thread, below which splitting attention costs more than it saves
 
 
 def attend(
@@ -24,9 +28,11 @@ def attend(
     scale: float,
     window: int | None = None,
     softcap: float | None = None,
+    threads: Threads | None = None,
 ) -> Any:
     """q [n, H, D] for the rows of `ub` -> attention output [n, H, Dv], every row over its own
-    sequence's keys (which `ub.store_kv` has already written for this micro-batch).
+    sequence's keys (which `ub.store_kv` has already written for this micro-batch). `threads`
+    share the dense decode attention of many sequences between the host's cores.
 
     Sequences with one new row (decoding) go together: through the memory's dense rows kept
     between steps (`attend_dense`, nothing gathered but the new rows), else padded (`attend_batched`).
@@ -44,7 +50,7 @@ def attend(
         prefilling = tuple(seq for seq in ub.seqs if seq not in one_row)
     out = None
     if decoding and window is None:
-        out = attend_dense(q, ub, layer, scale, softcap, decoding)
+        out = attend_dense(q, ub, layer, scale, softcap, decoding, threads)
     if out is None and len(decoding) >= 2:
         out = attend_batched(q, ub, layer, scale, window, softcap, decoding)
     if out is None:
@@ -61,10 +67,12 @@ def attend_dense(
     scale: float,
     softcap: float | None,
     seqs: tuple[int, ...],
+    threads: Threads | None = None,
 ) -> Any | None:
     """The one query row of each of `seqs` (full attention, each at its sequence's last position)
-    over the memory's dense rows `[R, Hkv, L, D]`: two batched matmuls, no gather. Returns [n, H, Dv]
-    filled for those rows, or None when the memory has no dense rows for them."""
+    over the memory's dense rows `[R, Hkv, L, D]`: two batched matmuls, no gather; on the host,
+    parts of the R rows on separate threads. Returns [n, H, Dv] filled for those rows, or None
+    when the memory has no dense rows for them."""
     dense = ub.kv_dense(layer, seqs)
     if dense is None:
         return None
@@ -89,17 +97,19 @@ def attend_dense(
         padded = xp.zeros((n_rows, n_kv, group, head_dim), dtype=q.dtype)
         padded[rows_dev] = queries
         queries = padded
-    scores = queries @ dense.k.transpose(0, 1, 3, 2)  # [R, Hkv, G, D] @ [R, Hkv, D, L] -> [R, Hkv, G, L]
-    scores *= xp.float32(scale)
-    if softcap is not None:
-        scores = xp.tanh(scores / xp.float32(softcap)) * xp.float32(softcap)
+    visible = None
     if np.any(dense.lengths < width):
-        visible = (np.arange(width)[None, :] < dense.lengths[:, None]) | (dense.lengths[:, None] == 0)  # [R, L]
-        scores = xp.where(xp.asarray(visible)[:, None, None, :], scores, xp.float32(-np.inf))
-    scores -= scores.max(axis=-1, keepdims=True)
-    probs = xp.exp(scores, out=scores)
-    probs /= probs.sum(axis=-1, keepdims=True)
-    o = probs @ dense.v  # [R, Hkv, G, L] @ [R, Hkv, L, Dv] -> [R, Hkv, G, Dv]
+        visible = xp.asarray((np.arange(width)[None, :] < dense.lengths[:, None]) | (dense.lengths[:, None] == 0))
+    parts = 1 if threads is None else min(threads.n, n_rows // MIN_PART)
+    if parts > 1:
+        bounds = np.linspace(0, n_rows, parts + 1).astype(int)
+        spans = [slice(a, b) for a, b in pairwise(bounds.tolist())]
+        chunks = [
+            (queries[r], dense.k[r], dense.v[r], scale, softcap, None if visible is None else visible[r]) for r in spans
+        ]
+        o = xp.concatenate(threads.map(_dense_rows, chunks))  # type: ignore[union-attr]
+    else:
+        o = _dense_rows(queries, dense.k, dense.v, scale, softcap, visible)
     if not identity:
         o = o[rows_dev]
     o = o.reshape(len(seqs), n_heads, -1)  # [S, H, Dv]
@@ -108,6 +118,22 @@ def attend_dense(
     out = xp.empty((n, n_heads, o.shape[-1]), dtype=q.dtype)
     out[mine_dev] = o
     return out
+
+
+def _dense_rows(queries: Any, k: Any, v: Any, scale: float, softcap: float | None, visible: Any) -> Any:
+    """queries [R, Hkv, G, D] over k [R, Hkv, L, D], v [R, Hkv, L, Dv] -> [R, Hkv, G, Dv];
+    `visible` [R, L] masks padding (None: every key is real)."""
+    xp = xp_of(queries)
+    scores = queries @ k.transpose(0, 1, 3, 2)  # [R, Hkv, G, D] @ [R, Hkv, D, L] -> [R, Hkv, G, L]
+    scores *= xp.float32(scale)
+    if softcap is not None:
+        scores = xp.tanh(scores / xp.float32(softcap)) * xp.float32(softcap)
+    if visible is not None:
+        scores = xp.where(visible[:, None, None, :], scores, xp.float32(-np.inf))
+    scores -= scores.max(axis=-1, keepdims=True)
+    probs = xp.exp(scores, out=scores)
+    probs /= probs.sum(axis=-1, keepdims=True)
+    return probs @ v  # [R, Hkv, G, L] @ [R, Hkv, L, Dv] -> [R, Hkv, G, Dv]
 
 
 def attend_batched(

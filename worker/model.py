@@ -9,6 +9,7 @@ the input (token ids, logits flags) before memory changes.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,7 @@ import numpy as np
 from statemesh.memory import Backend, Batch, Memory, MemorySpec, MicroBatch, create_memory
 from statemesh.worker.config import ModelConfig
 from statemesh.worker.errors import InvalidTokens
+from statemesh.worker.threads import Threads
 from statemesh.worker.tokenizer import Tokenizer
 
 
@@ -27,6 +29,11 @@ class Model(ABC):
     @property
     def n_layers(self) -> int:
         return self.config.n_layers
+
+    @cached_property
+    def threads(self) -> Threads | None:
+        """The host's cores for work that would run on one (decode attention); None on a device."""
+        return Threads() if self.backend.is_host else None
 
     @abstractmethod
     def memory_spec(self) -> MemorySpec:

@@ -62,15 +62,15 @@ class Weights:
     def put(self, t: np.ndarray) -> Any:
         return self.backend.asarray(np.ascontiguousarray(t, dtype=np.float32))
 
-    def embedding_and_head(self, name: str, vocab: int, hidden: int, tied: bool) -> tuple[Any, Any]:
-        """(embedding [V, E], lm_head transposed [E, V]). The head is the embedding when the config
-        ties them or the checkpoint has no lm_head.weight; either way it gets its own contiguous
-        [E, V] copy, because a matrix-vector product over it is faster than over a transposed view."""
-        embedding = self.get(name, (vocab, hidden))
-        head = (
-            embedding if tied or "lm_head.weight" not in self.tensors else self.get("lm_head.weight", (vocab, hidden))
-        )
-        return self.put(embedding), self.put(head.T)
+    def embedding_and_head(self, name: str, vocab: int, hidden: int, tied: bool) -> tuple[Any, LMHead]:
+        """(embedding [V, E], the vocabulary head). The head is the embedding when the config ties
+        them or the checkpoint has no lm_head.weight."""
+        table = self.get(name, (vocab, hidden))
+        embedding = self.put(table)
+        if tied or "lm_head.weight" not in self.tensors:
+            return embedding, LMHead(embedding, self.put(table.T))
+        head = self.get("lm_head.weight", (vocab, hidden))
+        return embedding, LMHead(self.put(head), self.put(head.T))
 
     def qkv(self, prefix: str, hidden: int, q_dim: int, kv_dim: int, kind: str = "weight") -> Any:
         """q, k and v projections side by side, [E, q + 2 kv] (`kind="bias"`: [q + 2 kv]): one
@@ -79,6 +79,19 @@ class Weights:
         if kind == "bias":
             return self.put(np.concatenate([self.get(prefix + f"{n}_proj.bias", (d,)) for n, d in parts]))
         return self.put(np.concatenate([self.get(prefix + f"{n}_proj.weight", (d, hidden)) for n, d in parts]).T)
+
+
+class LMHead:
+    """h [n, E] -> logits [n, V] through w [V, E], which it keeps in both layouts: one row is a
+    matrix-vector product, fastest over a contiguous [E, V] copy (3.2 ms against 4.4 for
+    SmolLM2); several rows are a matrix product, fastest as w @ h.T (32 rows: 17 ms against 21),
+    because BLAS then packs the small h, not the 113 MB matrix."""
+
+    def __init__(self, w: Any, w_t: Any):
+        self.w, self.w_t = w, w_t  # [V, E] (the embedding itself when tied), [E, V]
+
+    def __call__(self, h: Any) -> Any:
+        return h @ self.w_t if h.shape[0] == 1 else (self.w @ h.T).T
 
 
 class DenseMLP:

@@ -56,7 +56,7 @@ class FalconH1Model(Model):
         self.config, self.tokenizer, self.backend = config, tokenizer, backend
         raw, c = config.extra, config
         w = Weights(tensors, backend)
-        self.embedding, self.lm_head_t = w.embedding_and_head(
+        self.embedding, self.lm_head = w.embedding_and_head(
             "model.embed_tokens.weight", c.vocab_size, c.hidden_size, c.tie_word_embeddings
         )
         self.final_norm = w.put(w.get("model.final_layernorm.weight", (c.hidden_size,)))
@@ -145,9 +145,9 @@ class FalconH1Model(Model):
         cos, sin = shared
         q, k = self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin)
         ub.store_kv(kv_layer, k, v)
-        o = attend(q, ub, kv_layer, self.scale)  # [n, H, D]
+        o = attend(q, ub, kv_layer, self.scale, threads=self.threads)  # [n, H, D]
         return o.reshape(n, -1) @ w.wo  # [n, H*D] @ [H*D, E] -> [n, E]
 
     def head(self, x: Any) -> Any:
-        logits = rms_norm(x, self.final_norm, self.config.rms_norm_eps) @ self.lm_head_t
+        logits = self.lm_head(rms_norm(x, self.final_norm, self.config.rms_norm_eps))
         return logits * self.m["lm_head_multiplier"]

@@ -69,7 +69,7 @@ class GemmaModel(Model):
         self.embed_scale = np.float32(config.hidden_size**0.5)
         w = Weights(tensors, backend)
         c = config
-        self.embedding, self.lm_head_t = w.embedding_and_head(  # Gemma ties them
+        self.embedding, self.lm_head = w.embedding_and_head(  # Gemma ties them
             "model.embed_tokens.weight", c.vocab_size, c.hidden_size, tied=True
         )
         self.final_norm = w.put(w.get("model.norm.weight", (c.hidden_size,)))
@@ -144,7 +144,9 @@ class GemmaModel(Model):
         cos, sin = shared[id(rope)]
         q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
         ub.store_kv(layer, k, v)
-        o = attend(q, ub, layer, self.scale, window=w.window, softcap=self.attn_softcap)  # [n, H, D]
+        o = attend(
+            q, ub, layer, self.scale, window=w.window, softcap=self.attn_softcap, threads=self.threads
+        )  # [n, H, D]
         x = x + rms_norm(o.reshape(n, -1) @ w.wo, w.norm_post_attn, eps, plus_one=True)
         h = rms_norm(x, w.norm_pre_mlp, eps, plus_one=True)
         gate_up = h @ w.w_gate_up  # [n, E] @ [E, 2F] -> [n, 2F]
@@ -153,5 +155,5 @@ class GemmaModel(Model):
         return x + rms_norm(mlp, w.norm_post_mlp, eps, plus_one=True)
 
     def head(self, x: Any) -> Any:
-        logits = rms_norm(x, self.final_norm, self.config.rms_norm_eps, plus_one=True) @ self.lm_head_t
+        logits = self.lm_head(rms_norm(x, self.final_norm, self.config.rms_norm_eps, plus_one=True))
         return logits if self.final_softcap is None else softcap(logits, float(self.final_softcap))

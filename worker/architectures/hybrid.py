@@ -88,7 +88,7 @@ class HybridModel(Model):
         self.config, self.tokenizer, self.backend = config, tokenizer, backend
         raw, c = config.extra, config
         w = Weights(tensors, backend)
-        self.embedding, self.lm_head_t = w.embedding_and_head(
+        self.embedding, self.lm_head = w.embedding_and_head(
             "model.embed_tokens.weight", c.vocab_size, c.hidden_size, c.tie_word_embeddings
         )
         self.family = c.architecture
@@ -231,8 +231,8 @@ class HybridModel(Model):
             cos, sin = shared
             q, k = self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin)
         ub.store_kv(layer, k, v)
-        o = attend(q, ub, layer, self.scale)  # [n, H, D]
+        o = attend(q, ub, layer, self.scale, threads=self.threads)  # [n, H, D]
         return o.reshape(n, -1) @ w.wo  # [n, H*D] @ [H*D, E] -> [n, E]
 
     def head(self, x: Any) -> Any:
-        return (rms_norm(x, self.final_norm, self.config.rms_norm_eps) @ self.lm_head_t) / self.logits_scaling
+        return self.lm_head(rms_norm(x, self.final_norm, self.config.rms_norm_eps)) / self.logits_scaling

@@ -45,7 +45,7 @@ class LlamaModel(Model):
         self.backend = backend
         weights = Weights(tensors, backend)
         c = config
-        self.embedding, self.lm_head_t = weights.embedding_and_head(  # [V, E], [E, V]
+        self.embedding, self.lm_head = weights.embedding_and_head(  # [V, E], the head
             "model.embed_tokens.weight", c.vocab_size, c.hidden_size, c.tie_word_embeddings
         )
         self.final_norm = weights.put(weights.get("model.norm.weight", (c.hidden_size,)))
@@ -98,7 +98,7 @@ class LlamaModel(Model):
         cos, sin = shared
         q, k = self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin)
         ub.store_kv(layer, k, v)
-        o = attend(q, ub, layer, self.scale, window=c.sliding_window)  # [n, H, D]
+        o = attend(q, ub, layer, self.scale, window=c.sliding_window, threads=self.threads)  # [n, H, D]
         x = x + o.reshape(n, -1) @ w.wo  # [n, H*D] @ [H*D, E] -> [n, E]
         h = rms_norm(x, w.mlp_norm, c.rms_norm_eps)
         gate_up = h @ w.w_gate_up  # [n, E] @ [E, 2F] -> [n, 2F]
@@ -107,4 +107,4 @@ class LlamaModel(Model):
         return x
 
     def head(self, x: Any) -> Any:
-        return rms_norm(x, self.final_norm, self.config.rms_norm_eps) @ self.lm_head_t  # [n, E] @ [E, V]
+        return self.lm_head(rms_norm(x, self.final_norm, self.config.rms_norm_eps))  # [n, E] -> [n, V]

@@ -20,7 +20,7 @@ class MambaModel(Model):
         self.config, self.tokenizer, self.backend = config, tokenizer, backend
         raw, e = config.extra, config.hidden_size
         w = Weights(tensors, backend)
-        self.embedding, self.lm_head_t = w.embedding_and_head(
+        self.embedding, self.lm_head = w.embedding_and_head(
             "backbone.embeddings.weight", config.vocab_size, e, config.tie_word_embeddings
         )
         self.final_norm = w.put(w.get("backbone.norm_f.weight", (e,)))
@@ -60,4 +60,4 @@ class MambaModel(Model):
         return x + out.reshape(x.shape)
 
     def head(self, x: Any) -> Any:
-        return rms_norm(x, self.final_norm, self.config.rms_norm_eps) @ self.lm_head_t
+        return self.lm_head(rms_norm(x, self.final_norm, self.config.rms_norm_eps))

@@ -57,7 +57,7 @@ class NemotronHModel(Model):
         w = Weights(tensors, backend)
         # checkpoints name the stack "backbone"; transformers 5 calls it "model" in memory
         self.prefix = "backbone." if "backbone.embeddings.weight" in tensors else "model."
-        self.embedding, self.lm_head_t = w.embedding_and_head(
+        self.embedding, self.lm_head = w.embedding_and_head(
             self.prefix + "embeddings.weight", c.vocab_size, c.hidden_size, c.tie_word_embeddings
         )
         self.final_norm = w.put(w.get(self.prefix + "norm_f.weight", (c.hidden_size,)))
@@ -121,8 +121,8 @@ class NemotronHModel(Model):
         k = qkv[:, q_dim : q_dim + kv_dim].reshape(n, c.n_kv_heads, c.head_dim)  # [n, Hkv, D]
         v = qkv[:, q_dim + kv_dim :].reshape(n, c.n_kv_heads, c.head_dim)  # [n, Hkv, D]
         ub.store_kv(layer, k, v)
-        o = attend(q, ub, layer, self.scale)  # [n, H, D]
+        o = attend(q, ub, layer, self.scale, threads=self.threads)  # [n, H, D]
         return x + o.reshape(n, -1) @ wo  # [n, H*D] @ [H*D, E] -> [n, E]
 
     def head(self, x: Any) -> Any:
-        return rms_norm(x, self.final_norm, self.config.rms_norm_eps) @ self.lm_head_t
+        return self.lm_head(rms_norm(x, self.final_norm, self.config.rms_norm_eps))

@@ -1,0 +1,70 @@
+"""Decode attention paths agree: dense rows (one thread or several) and the padded gather."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from statemesh.memory import AttentionSpec, Batch, MemorySpec, create_memory
+from statemesh.worker.attention import attend, attend_batched, attend_dense
+from statemesh.worker.runtime import missing_settings, worker_environment
+from statemesh.worker.threads import Threads
+
+HKV, G, D = 2, 3, 8
+
+
+def decode_step_outputs(lengths: list[int], threads: Threads | None, softcap: float | None = None) -> list[np.ndarray]:
+    """Prefill sequences of the given lengths (ids 0..), then one decode step; returns attention
+    outputs of that step: dense rows (with `threads`), dense without threads, and padded."""
+    rng = np.random.default_rng(7)
+    spec = MemorySpec((AttentionSpec(HKV, D),))
+    mem = create_memory(spec, n_ctx=sum(lengths) + len(lengths), n_seq_max=len(lengths), backend="numpy")
+    seqs = [s for s, n in enumerate(lengths) for _ in range(n)]
+    with mem.batch(Batch([p for n in lengths for p in range(n)], seqs)) as plan:
+        for ub in plan:
+            ub.store_kv(0, *rng.standard_normal((2, len(ub), HKV, D), dtype=np.float32))
+    order = list(rng.permutation(len(lengths)))  # rows in another order than the sequence ids
+    q = rng.standard_normal((len(order), HKV * G, D), dtype=np.float32)
+    outputs = []
+    with mem.batch(Batch([lengths[s] for s in order], order)) as plan:
+        for ub in plan:
+            ub.store_kv(0, *rng.standard_normal((2, len(ub), HKV, D), dtype=np.float32))
+            outputs = [
+                attend_dense(q, ub, 0, 0.3, softcap, ub.seqs, threads),
+                attend_dense(q, ub, 0, 0.3, softcap, ub.seqs, None),
+                attend_batched(q, ub, 0, 0.3, None, softcap, ub.seqs),
+                attend(q, ub, 0, 0.3, softcap=softcap, threads=threads),
+            ]
+    return outputs
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_dense_rows_on_threads_match_one_thread_and_the_padded_gather(softcap: float | None) -> None:
+    lengths = [5 + (7 * s) % 23 for s in range(19)]  # unequal: padding is masked
+    threads = Threads(3)
+    try:
+        on_threads, one_thread, padded, routed = decode_step_outputs(lengths, threads, softcap)
+    finally:
+        threads.close()
+    np.testing.assert_array_equal(on_threads, one_thread)  # the same arithmetic per row
+    np.testing.assert_array_equal(routed, on_threads)
+    np.testing.assert_allclose(on_threads, padded, rtol=1e-5, atol=1e-6)
+
+
+def test_threads_run_parts_beside_the_caller_and_keep_their_order() -> None:
+    threads = Threads(2)
+    try:
+        out = threads.map(lambda i: (i, threading.get_ident()), [(0,), (1,), (2,)])
+    finally:
+        threads.close()
+    assert [i for i, _ in out] == [0, 1, 2]
+    assert out[0][1] == threading.get_ident() and out[1][1] != threading.get_ident()
+    assert Threads(1).map(lambda i: i * 2, [(1,), (2,)]) == [2, 4]
+
+
+def test_worker_settings_are_named_when_missing() -> None:
+    assert missing_settings({}) == list(worker_environment())
+    assert missing_settings(worker_environment()) == []
+    assert worker_environment()["OPENBLAS_THREAD_TIMEOUT"] == "4"

@@ -1,0 +1,37 @@
+"""What a worker process needs from its environment, set before it starts.
+
+Two things change how fast a worker runs, and both are read once, when the process starts, so
+they cannot be changed from inside it:
+
+- `OPENBLAS_THREAD_TIMEOUT`: after each call, OpenBLAS's threads busy-wait for the next one
+  (2**28 polls by default), holding every core. A decode step alternates BLAS calls with
+  attention that `Threads` spreads over the same cores, so OpenBLAS's threads must go to sleep at
+  once (the minimum, 2**4 polls). Measured with 32 streams: decode 182 -> 232 tokens/s (2**20
+  polls: 198); with one stream no difference above the noise.
+- glibc's malloc thresholds: with its defaults, a freed multi-MB buffer goes back to the kernel
+  and the next one page-faults again (~2 us per 4 KB page, no transparent huge pages on these
+  machines), which dominates gathers and snapshot writes of a few MB. Keeping freed memory mapped
+  makes them 3-4x faster (`make bench`).
+
+Launchers (the service's worker processes, the benchmarks) start workers with `worker_environment()`
+added to their environment; `missing_settings()` names what this process lacks, for a warning.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+
+def worker_environment() -> dict[str, str]:
+    return {
+        "OPENBLAS_THREAD_TIMEOUT": "4",
+        "MALLOC_TOP_PAD_": str(256 << 20),
+        "MALLOC_TRIM_THRESHOLD_": str(4 << 30),
+        "MALLOC_MMAP_THRESHOLD_": str(1 << 30),
+    }
+
+
+def missing_settings(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """The worker settings this environment lacks (any value set by the user counts as set)."""
+    return [name for name in worker_environment() if name not in environ]
