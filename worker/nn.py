@@ -25,11 +25,14 @@ def rms_norm(x: Any, w: Any, eps: float, plus_one: bool = False) -> Any:
 
 
 def silu(x: Any) -> Any:
-    """x * sigmoid(x). For x below about -88, exp(-x) overflows to inf and x / inf is the right
-    limit (-0), so that overflow is expected, not reported."""
+    """x * sigmoid(x), as x / (1 + exp(-x)) in one new array. For x below about -88, exp(-x)
+    overflows to inf and x / inf is the right limit (-0), so that overflow is expected, not reported."""
     xp = xp_of(x)
     with np.errstate(over="ignore"):
-        return x / (xp.float32(1) + xp.exp(-x))
+        d = xp.negative(x)
+        xp.exp(d, out=d)
+        d += xp.float32(1)
+        return xp.divide(x, d, out=d)
 
 
 def gelu_tanh(x: Any) -> Any:

@@ -92,18 +92,19 @@ class LlamaModel(Model):
         qkv = h @ w.w_qkv  # [n, E] @ [E, (H+2Hkv)*D] -> [n, (H+2Hkv)*D]
         if w.b_qkv is not None:
             qkv += w.b_qkv
-        q = qkv[:, :q_dim].reshape(n, c.n_heads, c.head_dim)  # [n, H, D]
-        k = qkv[:, q_dim : q_dim + kv_dim].reshape(n, c.n_kv_heads, c.head_dim)  # [n, Hkv, D]
-        v = qkv[:, q_dim + kv_dim :].reshape(n, c.n_kv_heads, c.head_dim)  # [n, Hkv, D]
         cos, sin = shared
-        q, k = self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin)
+        qk = self.rope.apply(qkv[:, : q_dim + kv_dim].reshape(n, c.n_heads + c.n_kv_heads, c.head_dim), cos, sin)
+        q, k = qk[:, : c.n_heads], qk[:, c.n_heads :]  # [n, H, D], [n, Hkv, D]: rotated in one go
+        v = qkv[:, q_dim + kv_dim :].reshape(n, c.n_kv_heads, c.head_dim)  # [n, Hkv, D]
         ub.store_kv(layer, k, v)
         o = attend(q, ub, layer, self.scale, window=c.sliding_window, threads=self.threads)  # [n, H, D]
         x = x + o.reshape(n, -1) @ w.wo  # [n, H*D] @ [H*D, E] -> [n, E]
         h = rms_norm(x, w.mlp_norm, c.rms_norm_eps)
         gate_up = h @ w.w_gate_up  # [n, E] @ [E, 2F] -> [n, 2F]
         f = c.intermediate_size
-        x = x + (silu(gate_up[:, :f]) * gate_up[:, f:]) @ w.w_down  # [n, F] @ [F, E] -> [n, E]
+        act = silu(gate_up[:, :f])
+        act *= gate_up[:, f:]
+        x = x + act @ w.w_down  # [n, F] @ [F, E] -> [n, E]
         return x
 
     def head(self, x: Any) -> Any:
