@@ -116,7 +116,8 @@ class DenseKV:
         seq_ids = np.array(seqs, dtype=np.int64)
         n = np.array([h.n for h in held], dtype=np.int64)
         lo, hi, width = int(seq_ids.min()), int(seq_ids.max()) + 1, int(n.max())
-        if hi * width > self.budget:
+        have_slots = max((k.shape[0] for k in self._k.values()), default=0)  # buffers never shrink
+        if max(hi, have_slots) * width > self.budget:
             return None
         if self._step is not None:  # a layer that never made its copies: its rows are stale
             for layer, (_, slots, _) in self._step.pending.items():

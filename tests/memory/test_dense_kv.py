@@ -90,10 +90,14 @@ def test_none_for_a_windowed_layer_or_beyond_the_budget() -> None:
             assert ub.kv_dense(1) is not None  # full attention
     mem = make("kv", n_ctx=256, n_seq_max=2)
     mem._dense.budget = 128  # two sequence slots of up to 64 rows
-    run_step(mem, list(range(100)), [1] * 100)
-    with mem.batch(Batch([100], [1])) as plan:
+    run_step(mem, [*range(60), 0], [0] * 60 + [1])
+    dense_after_step(mem, [60, 1], [0, 1])  # two slots of up to 61 rows
+    dense, _, _ = dense_after_step(mem, [61], [0])  # slot 1 stays: 2 * 62 rows still fit
+    assert dense is not None and dense.rows.tolist() == [0]
+    run_step(mem, [62, 63], [0, 0])
+    with mem.batch(Batch([64], [0])) as plan:
         for ub in plan:
             store_ubatch(mem, ub, 0.0)
-            assert ub.kv_dense(1) is None
-            k, _, _ = ub.kv(1, 1)
-            np.testing.assert_array_equal(k[-1], token_rows(1, np.array([1]), np.array([100]), 0.0, (H, D))[0])
+            assert ub.kv_dense(1) is None  # 2 slots * 65 rows > 128, though sequence 0 alone fits
+            k, _, _ = ub.kv(1, 0)
+            np.testing.assert_array_equal(k[-1], token_rows(1, np.array([0]), np.array([64]), 0.0, (H, D))[0])
