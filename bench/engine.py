@@ -187,6 +187,8 @@ def main() -> None:
                 **common,
                 **ours,
                 vs_llama_cpp_best=ours["aggregate_tokens_per_s"] / LLAMA_CPP_STREAMS.get(n, float("nan")),
+                # the llama.cpp figures are decode rates (its prefill alone would take longer)
+                decode_vs_llama_cpp_best=ours["decode_phase_tokens_per_s"] / LLAMA_CPP_STREAMS.get(n, float("nan")),
             )
             if args.anchor:
                 theirs = run_anchor(args.anchor_python, path, prompts, 128)
