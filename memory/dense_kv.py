@@ -50,6 +50,8 @@ class DenseRows:
     lengths: np.ndarray  # [R] int64, host
     rows: np.ndarray  # [S] int64, host
     last_positions: np.ndarray  # [S] int64, host: each sequence's last (largest) key position
+    in_order: bool  # R == S and rows[i] == i: row i is the i-th sequence asked for
+    real: np.ndarray | None  # [R, L] bool, host: which keys are real; None when all of them are
 
 
 Copies = tuple[np.ndarray, np.ndarray, np.ndarray]  # cells, and the (slot, row) each one goes to
@@ -68,6 +70,8 @@ class _Step:
     lengths: np.ndarray
     rows: np.ndarray
     last_positions: np.ndarray
+    in_order: bool
+    real: np.ndarray | None
     pending: dict[int, Copies]  # layer -> copies it has not made yet
 
 
@@ -106,7 +110,10 @@ class DenseKV:
             k[slots, :, rows] = self.cache._k[layer][cells]
             v[slots, :, rows] = self.cache._v[layer][cells]
         lo, hi, width = step.lo, step.hi, step.width
-        return DenseRows(k[lo:hi, :, :width], v[lo:hi, :, :width], step.lengths, step.rows, step.last_positions)
+        return DenseRows(
+            k[lo:hi, :, :width], v[lo:hi, :, :width], step.lengths, step.rows, step.last_positions, step.in_order,
+            step.real,
+        )  # fmt: skip
 
     def _plan(self, ub: Any, seqs: tuple[int, ...]) -> _Step | None:
         """What each layer must copy for `seqs` in this micro-batch; None (nothing changed) when
@@ -134,7 +141,10 @@ class DenseKV:
         lengths = np.zeros(hi - lo, dtype=np.int64)
         lengths[seq_ids - lo] = n
         last = np.where(n > 0, cache.pos[[h.buf[max(h.n - 1, 0)] for h in held]], -1)
-        self._step = _Step(ub, seqs, cache._version, lo, hi, width, lengths, seq_ids - lo, last, pending)
+        rows = seq_ids - lo
+        in_order = hi - lo == len(seqs) and bool(np.all(rows == np.arange(len(seqs))))
+        real = np.arange(width)[None, :] < lengths[:, None] if np.any(lengths < width) else None
+        self._step = _Step(ub, seqs, cache._version, lo, hi, width, lengths, rows, last, in_order, real, pending)
         return self._step
 
     @staticmethod

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from statemesh.memory import MicroBatch
+from statemesh.worker import nn
 from statemesh.worker.nn import xp_of
 from statemesh.worker.threads import Threads
 
@@ -87,19 +88,16 @@ def attend_dense(
         return None  # a key beyond the query (a hybrid restarted below its cells): needs masks
     xp = xp_of(q)
     n, n_heads, head_dim = q.shape
-    n_rows, n_kv, width, _ = dense.k.shape
+    n_rows, n_kv, _, _ = dense.k.shape
     group = n_heads // n_kv
     mine_dev = xp.asarray(mine)
     queries = (q if all_rows else q[mine_dev]).reshape(len(seqs), n_kv, group, head_dim)  # [S, Hkv, G, D]
-    identity = n_rows == len(seqs) and bool(np.all(np.diff(dense.rows) == 1))  # row i is seqs[i]
     rows_dev = xp.asarray(dense.rows)
-    if not identity:  # rows of the range that no sequence asked for get zero queries
+    if not dense.in_order:  # rows of the range that no sequence asked for get zero queries
         padded = xp.zeros((n_rows, n_kv, group, head_dim), dtype=q.dtype)
         padded[rows_dev] = queries
         queries = padded
-    visible = None
-    if np.any(dense.lengths < width):
-        visible = xp.asarray((np.arange(width)[None, :] < dense.lengths[:, None]) | (dense.lengths[:, None] == 0))
+    visible = None if dense.real is None else xp.asarray(dense.real | (dense.lengths[:, None] == 0))  # [R, L]
     parts = 1 if threads is None else min(threads.n, n_rows // MIN_PART)
     if parts > 1:
         bounds = np.linspace(0, n_rows, parts + 1).astype(int)
@@ -110,7 +108,7 @@ def attend_dense(
         o = xp.concatenate(threads.map(_dense_rows, chunks))  # type: ignore[union-attr]
     else:
         o = _dense_rows(queries, dense.k, dense.v, scale, softcap, visible)
-    if not identity:
+    if not dense.in_order:
         o = o[rows_dev]
     o = o.reshape(len(seqs), n_heads, -1)  # [S, H, Dv]
     if all_rows:
@@ -123,17 +121,24 @@ def attend_dense(
 def _dense_rows(queries: Any, k: Any, v: Any, scale: float, softcap: float | None, visible: Any) -> Any:
     """queries [R, Hkv, G, D] over k [R, Hkv, L, D], v [R, Hkv, L, Dv] -> [R, Hkv, G, Dv];
     `visible` [R, L] masks padding (None: every key is real)."""
-    xp = xp_of(queries)
     scores = queries @ k.transpose(0, 1, 3, 2)  # [R, Hkv, G, D] @ [R, Hkv, D, L] -> [R, Hkv, G, L]
+    probs = softmax(scores, scale, softcap, None if visible is None else visible[:, None, None, :])
+    return probs @ v  # [R, Hkv, G, L] @ [R, Hkv, L, Dv] -> [R, Hkv, G, Dv]
+
+
+def softmax(scores: Any, scale: float, cap: float | None, visible: Any) -> Any:
+    """Attention weights from raw scores, over the last axis, in place: scaled, soft-capped (Gemma 2),
+    the keys where `visible` (broadcast to scores; None: all) is False masked out, normalized."""
+    xp = xp_of(scores)
     scores *= xp.float32(scale)
-    if softcap is not None:
-        scores = xp.tanh(scores / xp.float32(softcap)) * xp.float32(softcap)
+    if cap is not None:
+        scores = nn.softcap(scores, cap)
     if visible is not None:
-        scores = xp.where(visible[:, None, None, :], scores, xp.float32(-np.inf))
+        scores = xp.where(visible, scores, xp.float32(-np.inf))
     scores -= scores.max(axis=-1, keepdims=True)
     probs = xp.exp(scores, out=scores)
     probs /= probs.sum(axis=-1, keepdims=True)
-    return probs @ v  # [R, Hkv, G, L] @ [R, Hkv, L, Dv] -> [R, Hkv, G, Dv]
+    return probs
 
 
 def attend_batched(
@@ -172,18 +177,12 @@ def attend_batched(
     query_pos_dev = xp.asarray(query_pos)[:, :, None]  # [S, T, 1]
     qs = queries.reshape(n_seqs, width, n_kv, group, -1).transpose(0, 2, 3, 1, 4)  # -> [S, Hkv, G, T, D]
     scores = qs @ k.transpose(0, 2, 3, 1)[:, :, None]  # [S, Hkv, G, T, D] @ [S, Hkv, 1, D, L] -> [S, Hkv, G, T, L]
-    scores *= xp.float32(scale)
-    if softcap is not None:
-        scores = xp.tanh(scores / xp.float32(softcap)) * xp.float32(softcap)
     keys = key_pos[:, None, :]  # [S, 1, L]
     visible = (keys >= 0) & (keys <= query_pos_dev)  # [S, T, L]
     if window is not None:
         padding = xp.asarray(query_pos == np.iinfo(np.int64).max // 2)[:, :, None]  # [S, T, 1]
         visible &= (keys > query_pos_dev - window) | padding
-    scores = xp.where(visible[:, None, None], scores, xp.float32(-np.inf))
-    scores -= scores.max(axis=-1, keepdims=True)
-    probs = xp.exp(scores)
-    probs /= probs.sum(axis=-1, keepdims=True)
+    probs = softmax(scores, scale, softcap, visible[:, None, None])
     o = probs @ v.transpose(0, 2, 1, 3)[:, :, None]  # [S, Hkv, G, T, L] @ [S, Hkv, 1, L, Dv] -> [S, Hkv, G, T, Dv]
     o = o.transpose(0, 3, 1, 2, 4).reshape(n_seqs, width, n_heads, -1)  # -> [S, T, H, Dv]
     out = xp.empty((q.shape[0], n_heads, o.shape[-1]), dtype=q.dtype)
@@ -212,19 +211,14 @@ def attend_each(
         t = len(rows)
         qs = q[rows].reshape(t, n_kv, group, -1).transpose(1, 2, 0, 3)  # [T, H, D] -> [Hkv, G, T, D]
         scores = qs @ k.transpose(1, 2, 0)[:, None]  # [Hkv, G, T, D] @ [Hkv, 1, D, L] -> [Hkv, G, T, L]
-        scores *= xp.float32(scale)
-        if softcap is not None:
-            scores = xp.tanh(scores / xp.float32(softcap)) * xp.float32(softcap)
         first, last = int(ub.positions[rows].min()), int(ub.positions[rows].max())
+        visible = None
         if window is not None or int(key_pos.max()) > first:  # else every query sees every key
             query_pos = xp.asarray(ub.positions[rows])[:, None]  # [T, 1]
             visible = key_pos[None, :] <= query_pos  # [T, L]
             if window is not None and int(key_pos.min()) <= last - window:
                 visible &= key_pos[None, :] > query_pos - window
-            scores = xp.where(visible, scores, xp.float32(-np.inf))
-        scores -= scores.max(axis=-1, keepdims=True)
-        probs = xp.exp(scores)
-        probs /= probs.sum(axis=-1, keepdims=True)
+        probs = softmax(scores, scale, softcap, visible)
         o = probs @ v.transpose(1, 0, 2)[:, None]  # [Hkv, G, T, L] @ [Hkv, 1, L, Dv] -> [Hkv, G, T, Dv]
         o = o.transpose(2, 0, 1, 3).reshape(t, n_heads, -1)  # [Hkv, G, T, Dv] -> [T, H, Dv]
         if out is None:

@@ -95,10 +95,17 @@ class _Sequence:
     def tokens(self) -> list[int]:
         return [*self.request.prompt, *self.output]
 
+    @property
+    def n_tokens(self) -> int:
+        return len(self.request.prompt) + len(self.output)
+
     def next_input(self) -> list[int]:
         """The tokens still to feed: the (rest of the) prompt and output, usually just the last
-        sampled token."""
-        return self.tokens()[self.fed :]
+        sampled token (without copying the whole history to find it)."""
+        prompt = self.request.prompt
+        if self.fed >= len(prompt):
+            return self.output[self.fed - len(prompt) :]
+        return [*prompt[self.fed :], *self.output]
 
 
 class Engine:
@@ -192,7 +199,7 @@ class Engine:
                 admit = False  # no new work in the step that had to preempt
         self.counters["steps"] += 1
         for s, n in plan.fed:
-            decoding = n == 1 and len(s.output) > 0 and s.fed == len(s.tokens()) - 1
+            decoding = n == 1 and len(s.output) > 0 and s.fed == s.n_tokens - 1
             s.fed += n
             self.counters["decode_tokens" if decoding else "prefill_tokens"] += n
         if self.config.prefix_cache_seqs:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from statemesh.memory import AttentionSpec, Backend, MemorySpec, MicroBatch
-from statemesh.worker.architectures.ssm import Mamba2Dims, Mamba2Mixer, json_float
+from statemesh.worker.architectures.ssm import Mamba2Dims, Mamba2Mixer
 from statemesh.worker.attention import attend
 from statemesh.worker.config import ModelConfig
 from statemesh.worker.model import Model
@@ -66,17 +66,8 @@ class FalconH1Model(Model):
                          "attention_out_multiplier", "ssm_in_multiplier", "ssm_out_multiplier")
         }  # fmt: skip
         self.m_gate, self.m_down = (np.float32(v) for v in raw.get("mlp_multipliers", [1.0, 1.0]))
-        low, high = raw.get("time_step_limit", (0.0, float("inf")))
         inner = int(raw.get("mamba_d_ssm") or int(raw["mamba_expand"] * c.hidden_size))
-        self.dims = Mamba2Dims(
-            n_heads=int(raw["mamba_n_heads"]),
-            head_width=inner // int(raw["mamba_n_heads"]),
-            groups=int(raw["mamba_n_groups"]),
-            n_state=int(raw["mamba_d_state"]),
-            conv_k=int(raw["mamba_d_conv"]),
-            eps=c.rms_norm_eps,
-            dt_limit=(json_float(low), json_float(high)),
-        )
+        self.dims = Mamba2Dims.from_mamba_config(raw, c.rms_norm_eps, head_width=inner // int(raw["mamba_n_heads"]))
         mup = mup_vector(raw, self.dims)
         self.layers = [self._layer(w, raw, i, mup) for i in range(c.n_layers)]
         self.rope = Rope.build(c.head_dim, c.rope_theta, c.rope_scaling)

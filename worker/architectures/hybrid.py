@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from statemesh.memory import AttentionSpec, Backend, MemorySpec, MicroBatch
-from statemesh.worker.architectures.ssm import Mamba1Mixer, Mamba2Dims, Mamba2Mixer, json_float
+from statemesh.worker.architectures.ssm import Mamba1Mixer, Mamba2Dims, Mamba2Mixer
 from statemesh.worker.attention import attend
 from statemesh.worker.config import ModelConfig
 from statemesh.worker.model import Model
@@ -115,16 +115,7 @@ class HybridModel(Model):
                 w, m, c.hidden_size, inner, int(raw["mamba_d_state"]), int(raw["mamba_dt_rank"]),
                 int(raw["mamba_d_conv"]), norm_eps=c.rms_norm_eps,
             )  # fmt: skip
-        low, high = raw.get("time_step_limit", (0.0, float("inf")))
-        dims = Mamba2Dims(
-            n_heads=int(raw["mamba_n_heads"]),
-            head_width=int(raw["mamba_d_head"]),
-            groups=int(raw["mamba_n_groups"]),
-            n_state=int(raw["mamba_d_state"]),
-            conv_k=int(raw["mamba_d_conv"]),
-            eps=c.rms_norm_eps,
-            dt_limit=(json_float(low), json_float(high)),
-        )
+        dims = Mamba2Dims.from_mamba_config(raw, c.rms_norm_eps, head_width=int(raw["mamba_d_head"]))
         return Mamba2Mixer.load(w, m, c.hidden_size, dims)
 
     def _layer(self, w: Weights, raw: dict[str, Any], i: int, attends: bool, has_experts: bool) -> HybridLayer:

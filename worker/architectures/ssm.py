@@ -150,6 +150,20 @@ class Mamba2Dims:
     eps: float
     dt_limit: tuple[float, float]
 
+    @staticmethod
+    def from_mamba_config(raw: dict[str, Any], eps: float, head_width: int) -> Mamba2Dims:
+        """From the `mamba_*` keys that Bamba, GraniteMoeHybrid and Falcon-H1 configs share."""
+        low, high = raw.get("time_step_limit", (0.0, float("inf")))
+        return Mamba2Dims(
+            n_heads=int(raw["mamba_n_heads"]),
+            head_width=head_width,
+            groups=int(raw["mamba_n_groups"]),
+            n_state=int(raw["mamba_d_state"]),
+            conv_k=int(raw["mamba_d_conv"]),
+            eps=eps,
+            dt_limit=(json_float(low), json_float(high)),
+        )
+
     @property
     def inner(self) -> int:  # I
         return self.n_heads * self.head_width
