@@ -18,7 +18,9 @@ called before the next plan is marked stale, and rebuilt when next asked for).
 
 The buffers hold at most `budget` rows (slots * L_cap; by default the cache's own cell count, so
 memory at most doubles, or one ROUND per sequence id for a tiny cache). When a call would need
-more, it returns None and the caller gathers.
+more, it returns None and the caller gathers. They grow by doubling (slots and L_cap alike, within
+the budget): every growth reallocates and copies all of a layer's rows, and sequences joining one
+by one (32 of them through chunked prefill) must not cost a reallocation each.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ from statemesh.memory.backend import Array
 if TYPE_CHECKING:
     from statemesh.memory.kv_cache import KVCache
 
-GROWTH = 1.25  # L_cap grows by at least this factor, so reallocations are rare
-ROUND = 64  # ... and in whole multiples of this many rows
+GROWTH = 2  # slots and L_cap grow by at least this factor (within the budget), so reallocations are rare
+ROUND = 64  # L_cap is a whole multiple of this many rows
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,7 @@ class DenseKV:
         self._epoch = np.full((len(cache.layers), cache.n_seq_max), -1, dtype=np.int64)
         self._count = np.zeros((len(cache.layers), cache.n_seq_max), dtype=np.int64)
         self._step: _Step | None = None
+        self.reallocations = 0  # of one layer's buffers (they copy every row they hold)
 
     @staticmethod
     def default_budget(n_cells: int, n_seq_max: int) -> int:
@@ -160,22 +163,34 @@ class DenseKV:
         return cells, slots, rows
 
     def _fit(self, layer: int, slots: int, width: int) -> None:
-        """Make layer's buffers at least [slots, :, width] (the plan checked the budget)."""
+        """Make layer's buffers at least [slots, :, width] (the plan checked that this fits the
+        budget), growing what must grow by GROWTH where the budget allows."""
         k = self._k.get(layer)
         have_slots, have_width = (k.shape[0], k.shape[2]) if k is not None else (0, 0)
         if slots <= have_slots and width <= have_width:
             return
+        width = max(width, 1)
+        if slots > have_slots:
+            slots = max(slots, min(GROWTH * have_slots, self.cache.n_seq_max, self.budget // width))
         slots = max(slots, have_slots)
-        if width > have_width:
-            wanted = ROUND * math.ceil(max(width, GROWTH * have_width) / ROUND)
-            width = max(width, min(wanted, self.budget // slots))
-        else:
-            width = have_width
+        wanted = ROUND * math.ceil(max(width, GROWTH * have_width) / ROUND) if width > have_width else have_width
+        width = max(width, min(wanted, self.budget // slots))  # below have_width only when more slots need it
+        self._reallocate(layer, slots, width)
+
+    def _reallocate(self, layer: int, slots: int, width: int) -> None:
+        """New buffers [slots, :, width] holding the old ones' rows; a slot whose rows no longer fit
+        is marked stale (never one of the current step's: the plan's width fits)."""
         attn = self.cache.spec.attention(layer)
         backend, dtype = self.cache.backend, self.cache.spec.dtype
         grown_k = backend.zeros((slots, attn.n_kv_heads, width, attn.head_dim), dtype)
         grown_v = backend.zeros((slots, attn.n_kv_heads, width, attn.v_dim), dtype)
-        if k is not None:
-            grown_k[:have_slots, :, :have_width] = k
-            grown_v[:have_slots, :, :have_width] = self._v[layer]
+        if layer in self._k:
+            have_slots, have_width = self._k[layer].shape[0], self._k[layer].shape[2]
+            keep = min(have_width, width)
+            grown_k[:have_slots, :, :keep] = self._k[layer][:, :, :keep]
+            grown_v[:have_slots, :, :keep] = self._v[layer][:, :, :keep]
+            if width < have_width:
+                i = self._layer_index[layer]
+                self._epoch[i, self._count[i] > width] = -1
         self._k[layer], self._v[layer] = grown_k, grown_v
+        self.reallocations += 1

@@ -101,3 +101,31 @@ def test_none_for_a_windowed_layer_or_beyond_the_budget() -> None:
             assert ub.kv_dense(1) is None  # 2 slots * 65 rows > 128, though sequence 0 alone fits
             k, _, _ = ub.kv(1, 0)
             np.testing.assert_array_equal(k[-1], token_rows(1, np.array([0]), np.array([64]), 0.0, (H, D))[0])
+
+
+def test_sequences_joining_one_by_one_reallocate_the_buffers_a_few_times() -> None:
+    mem = make("kv", n_ctx=2048, n_seq_max=32)
+    length = [0] * 32
+    for joining in range(32):
+        run_step(mem, [0], [joining])  # its prompt, then every sequence so far decodes together
+        length[joining] = 1
+        seqs = list(range(joining + 1))
+        dense, kv, got = dense_after_step(mem, [length[s] for s in seqs], seqs)
+        assert_matches_kv(dense, kv, got)
+        length[: joining + 1] = [n + 1 for n in length[: joining + 1]]
+    # slots double (1, 2, 4, 8, 16, 32) rather than grow by one: each growth copies every held row
+    assert mem._dense.reallocations <= 6
+
+
+def test_more_slots_in_a_full_budget_narrow_the_rows_and_drop_the_rows_cut_off() -> None:
+    mem = make("kv", n_ctx=512, n_seq_max=4)
+    mem._dense.budget = 256
+    run_step(mem, list(range(100)), [0] * 100)
+    run_step(mem, [0, 1, 2, 3, 0, 1, 2, 3], [1, 1, 1, 1, 2, 2, 2, 2])
+    dense_after_step(mem, [100], [0])  # one slot of 128 rows holds sequence 0's 101
+    dense, kv, seqs = dense_after_step(mem, [4, 4], [1, 2])  # three slots: 256 // 3 = 85 rows each
+    assert_matches_kv(dense, kv, seqs)
+    assert mem._dense._k[1].shape[2] == 85
+    mem._dense.budget = 1024  # room again for sequence 0: its rows past 85 must come from the cells
+    dense, kv, seqs = dense_after_step(mem, [101], [0])
+    assert_matches_kv(dense, kv, seqs)
