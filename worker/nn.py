@@ -35,6 +35,14 @@ def silu(x: Any) -> Any:
         return xp.divide(x, d, out=d)
 
 
+def times_out_in(h: Any, w: Any) -> Any:
+    """h [n, in] through w [out, in] (a checkpoint's own layout) -> [n, out]. BLAS streams w as it
+    is stored and, for several rows, packs the small h: for SmolLM2's down projection [576, 1536]
+    that is ~10% faster than h @ w[in, out] with one row and with 32 (a decode step of 32 streams
+    ~4% faster); the [in, out] layout stays faster for the wide gate/up projection with one row."""
+    return (w @ h[0])[None] if h.shape[0] == 1 else (w @ h.T).T
+
+
 def gelu_tanh(x: Any) -> Any:
     """GELU, tanh approximation (PyTorch's gelu(approximate="tanh"))."""
     xp = xp_of(x)
