@@ -7,7 +7,7 @@ cores: 32 sequences of ~300 tokens on 2 cores, ~38 -> ~27 ms of attention a step
 
 That only works if BLAS's own threads are not spinning on those cores: OpenBLAS busy-waits for
 work after each call (for about 0.1 s by default). A worker process starts with a shorter wait
-(`statemesh.worker.runtime.WORKER_ENVIRONMENT`).
+(`statemesh.worker.runtime.worker_environment()`).
 """
 
 from __future__ import annotations
