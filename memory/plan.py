@@ -71,8 +71,7 @@ class MicroBatch:
         v `[S, L, Hkv, Dv]`, positions `[S, L]` (-1 on padding, whose k/v rows are zero), lengths
         `[S]`; S = len(seqs)."""
         memory = self._live()
-        chosen = self.seqs if seqs is None else tuple(memory._check_seq(s) for s in seqs)
-        return memory._leaf(layer)._kv_batch(layer, chosen)
+        return memory._leaf(layer)._kv_batch(layer, self._chosen(memory, seqs))
 
     def kv_dense(self, layer: int, seqs: tuple[int, ...] | None = None) -> DenseRows | None:
         """For decoding: every key and value of `seqs` (default `self.seqs`), head-major and padded,
@@ -81,8 +80,11 @@ class MicroBatch:
         of its `lengths[r]` keys. None when these buffers are unavailable (a windowed layer, or
         more rows than their budget): then use `kv_batch`."""
         memory = self._live()
-        chosen = self.seqs if seqs is None else tuple(memory._check_seq(s) for s in seqs)
-        return memory._leaf(layer)._kv_dense(self, layer, chosen)
+        return memory._leaf(layer)._kv_dense(self, layer, self._chosen(memory, seqs))
+
+    def _chosen(self, memory: Memory, seqs: tuple[int, ...] | None) -> tuple[int, ...]:
+        """`seqs`, each checked, or this micro-batch's sequences when None."""
+        return self.seqs if seqs is None else tuple(memory._check_seq(s) for s in seqs)
 
     def state(self, layer: int) -> tuple[Array, Array]:
         """The recurrent state before this micro-batch: conv `[len(seqs), *conv_shape]`, ssm

@@ -250,12 +250,9 @@ class Engine:
             if not self.free_seqs:
                 return False
             s.seq = self.free_seqs.pop()
-            if session is not None and session.snapshot is not None and not self._restore(session, s.seq):
-                self.free_seqs.append(s.seq)
-                s.seq = None
-                return False
-            if s.swapped is not None and not self._swap_in(s):
-                self.free_seqs.append(s.seq)
+            restored = session is None or session.snapshot is None or self._restore(session, s.seq)
+            if not restored or (s.swapped is not None and not self._swap_in(s)):
+                self.free_seqs.append(s.seq)  # nothing was read into it
                 s.seq = None
                 return False
         if session is not None:
@@ -279,11 +276,17 @@ class Engine:
     def _swap_in(self, s: _Sequence) -> bool:
         """Restore a sequence preempted by swapping into its new sequence id."""
         assert s.seq is not None and s.swapped is not None
-        try:
-            self.memory.state_read(s.swapped, seq=s.seq)
-        except MemoryFull:
+        if not self._read_state(s.swapped, s.seq):
             return False
         s.fed = s.swapped_fed
+        return True
+
+    def _read_state(self, snapshot: bytes, seq: int) -> bool:
+        """Restore `snapshot` into `seq`; False, memory unchanged, when there is no room for it."""
+        try:
+            self.memory.state_read(snapshot, seq=seq)
+        except MemoryFull:
+            return False
         return True
 
     def _reuse(self, s: _Sequence, held: list[int]) -> None:
@@ -308,9 +311,8 @@ class Engine:
             self.counters["session_tokens_reused"] += keep
 
     def _restore(self, session: Session, seq: int) -> bool:
-        try:
-            self.memory.state_read(session.snapshot, seq=seq)
-        except MemoryFull:
+        assert session.snapshot is not None
+        if not self._read_state(session.snapshot, seq):
             return False
         session.snapshot = None
         self.counters["session_restores"] += 1
@@ -323,10 +325,14 @@ class Engine:
             return False
         seq = session.seq
         self.sessions.evicted(session, self.memory.state_write(seq))
-        self.memory.seq_rm(seq)
-        self.free_seqs.append(seq)
+        self._release_seq(seq)
         self.counters["session_evictions"] += 1
         return True
+
+    def _release_seq(self, seq: int) -> None:
+        """Drop what memory holds for `seq` and hand the id out again."""
+        self.memory.seq_rm(seq)
+        self.free_seqs.append(seq)
 
     def _release_admission(self, s: _Sequence, session: Session | None) -> None:
         """Undo `_admit` for a sequence that must wait after all (its session keeps its state)."""
@@ -335,8 +341,7 @@ class Engine:
             session.busy = False
             session.tokens = s.tokens()[: s.fed]
         else:
-            self.memory.seq_rm(s.seq)
-            self.free_seqs.append(s.seq)
+            self._release_seq(s.seq)
         s.seq, s.fed = None, 0
 
     def _room_for(self, s: _Sequence, plan: _Plan) -> bool:
@@ -392,8 +397,7 @@ class Engine:
             if s.request.session and keep_session:
                 self.sessions.keep(s.request.session, s.tokens()[: s.fed], s.seq, next(self._order))
             else:
-                self.memory.seq_rm(s.seq)
-                self.free_seqs.append(s.seq)
+                self._release_seq(s.seq)
                 if s.request.session:
                     self.sessions.drop(s.request.session)
             s.seq = None
@@ -414,8 +418,7 @@ class Engine:
         if mode == "swap" or (mode == "auto" and victim.fed >= self.config.swap_min_tokens):
             victim.swapped, victim.swapped_fed = self.memory.state_write(victim.seq), victim.fed
             self.counters["swap_outs"] += 1
-        self.memory.seq_rm(victim.seq)
-        self.free_seqs.append(victim.seq)
+        self._release_seq(victim.seq)
         self.running.remove(victim)
         if victim.request.session:  # its state leaves with it (swapped, or recomputed on resume)
             self.sessions.drop(victim.request.session)

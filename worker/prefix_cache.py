@@ -85,9 +85,8 @@ class PrefixCache:
         self.hit_tokens += depth
         return depth
 
-    def wants(self, tokens: list[int], depth: int) -> bool:
-        """Whether a checkpoint at `depth` of these tokens would be new."""
-        keys = block_keys(tokens[:depth], self.block)
+    def _wants(self, keys: list[bytes], depth: int) -> bool:
+        """Whether a checkpoint at `depth`, whose block keys are `keys`, would be new."""
         if not keys or depth % self.block:
             return False
         found = self.by_key.get(keys[-1])
@@ -95,12 +94,12 @@ class PrefixCache:
 
     def add(self, src: int, tokens: list[int], depth: int) -> bool:
         """Checkpoint `src`, which holds `tokens[:depth]` now (exactly, for recurrent layers)."""
-        if not self.wants(tokens, depth) or (not self.free and not self.evict()):
+        keys = block_keys(tokens[:depth], self.block)
+        if not self._wants(keys, depth) or (not self.free and not self.evict()):
             return False
         seq = self.free.pop()
         self.memory.seq_cp(src, seq, 0, depth)
         self.tick += 1
-        keys = block_keys(tokens[:depth], self.block)
         checkpoint = Checkpoint(seq, depth, keys if not self.exact else keys[-1:], self.tick)
         self.checkpoints.append(checkpoint)
         for i, key in enumerate(checkpoint.keys):

@@ -132,13 +132,10 @@ class Sample:
     top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
-def sample(logits: np.ndarray, params: SamplingParams, state: SamplerState, banned: tuple[int, ...] = ()) -> Sample:
+def sample(logits: np.ndarray, params: SamplingParams, state: SamplerState) -> Sample:
     """The next token from one row of logits [V]; advances the state's RNG when it draws."""
     raw = np.asarray(logits, dtype=np.float64)
-    x = raw.copy()
-    if banned:
-        x[list(banned)] = -np.inf
-    x = _penalize(x, params, state)
+    x = _penalize(raw, params, state)
     token = int(np.argmax(x)) if params.greedy else _draw(x / params.temperature, params, state)
     state.record(token)
     if params.logprobs is None:
@@ -148,13 +145,19 @@ def sample(logits: np.ndarray, params: SamplingParams, state: SamplerState, bann
     return Sample(token, float(logprobs[token]), tuple((int(t), float(logprobs[t])) for t in top))
 
 
-def _penalize(x: np.ndarray, params: SamplingParams, state: SamplerState) -> np.ndarray:
-    if params.repetition_penalty != 1.0:
+def _penalize(raw: np.ndarray, params: SamplingParams, state: SamplerState) -> np.ndarray:
+    """The logits after the request's penalties: `raw` itself when none applies (no copy of a
+    vocabulary-long row per token), else a penalized copy (`raw` stays for the logprobs)."""
+    repeated = params.repetition_penalty != 1.0 and bool(state.prompt_tokens or state.output_counts)
+    counted = bool(state.output_counts) and bool(params.presence_penalty or params.frequency_penalty)
+    if not (repeated or counted):
+        return raw
+    x = raw.copy()
+    if repeated:
         seen = np.fromiter(state.prompt_tokens | state.output_counts.keys(), dtype=np.int64)
-        if len(seen):
-            values = x[seen]
-            x[seen] = np.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
-    if state.output_counts and (params.presence_penalty or params.frequency_penalty):
+        values = x[seen]
+        x[seen] = np.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
+    if counted:
         tokens = np.fromiter(state.output_counts.keys(), dtype=np.int64)
         counts = np.fromiter(state.output_counts.values(), dtype=np.float64)
         x[tokens] -= params.presence_penalty + params.frequency_penalty * counts
