@@ -134,8 +134,13 @@ class Sample:
 
 def sample(logits: np.ndarray, params: SamplingParams, state: SamplerState) -> Sample:
     """The next token from one row of logits [V]; advances the state's RNG when it draws."""
+    repeated, counted = _penalties(params, state)
+    if params.greedy and params.logprobs is None and not (repeated or counted):
+        token = int(np.argmax(logits))  # float32 as it came: the same argmax as float64, without converting V values
+        state.record(token)
+        return Sample(token, None)
     raw = np.asarray(logits, dtype=np.float64)
-    x = _penalize(raw, params, state)
+    x = _penalize(raw, params, state, repeated, counted)
     token = int(np.argmax(x)) if params.greedy else _draw(x / params.temperature, params, state)
     state.record(token)
     if params.logprobs is None:
@@ -145,11 +150,19 @@ def sample(logits: np.ndarray, params: SamplingParams, state: SamplerState) -> S
     return Sample(token, float(logprobs[token]), tuple((int(t), float(logprobs[t])) for t in top))
 
 
-def _penalize(raw: np.ndarray, params: SamplingParams, state: SamplerState) -> np.ndarray:
-    """The logits after the request's penalties: `raw` itself when none applies (no copy of a
-    vocabulary-long row per token), else a penalized copy (`raw` stays for the logprobs)."""
+def _penalties(params: SamplingParams, state: SamplerState) -> tuple[bool, bool]:
+    """Which penalties change the logits now: (repetition, presence or frequency); each needs
+    tokens seen to act on."""
     repeated = params.repetition_penalty != 1.0 and bool(state.prompt_tokens or state.output_counts)
     counted = bool(state.output_counts) and bool(params.presence_penalty or params.frequency_penalty)
+    return repeated, counted
+
+
+def _penalize(
+    raw: np.ndarray, params: SamplingParams, state: SamplerState, repeated: bool, counted: bool
+) -> np.ndarray:
+    """The logits after the request's penalties: `raw` itself when none applies (no copy of a
+    vocabulary-long row per token), else a penalized copy (`raw` stays for the logprobs)."""
     if not (repeated or counted):
         return raw
     x = raw.copy()
