@@ -5,8 +5,8 @@ softmax, each run on the calling thread. NumPy lets go of the GIL inside them, s
 sequences of a step into one part per core and running the parts side by side uses the other
 cores: 32 sequences of ~300 tokens on 2 cores, ~38 -> ~27 ms of attention a step.
 
-That only works if BLAS's own threads are not spinning on those cores: OpenBLAS busy-waits for
-work after each call (for about 0.1 s by default). A worker process starts with a shorter wait
+That only works if BLAS's own threads are not holding those cores: OpenBLAS polls for work after
+each call (for about 0.1 s by default). A worker process starts with a short poll, ~0.4 ms
 (`statemesh.worker.runtime.worker_environment()`).
 """
 

@@ -67,4 +67,4 @@ def test_threads_run_parts_beside_the_caller_and_keep_their_order() -> None:
 def test_worker_settings_are_named_when_missing() -> None:
     assert missing_settings({}) == list(worker_environment())
     assert missing_settings(worker_environment()) == []
-    assert worker_environment()["OPENBLAS_THREAD_TIMEOUT"] == "4"
+    assert worker_environment()["OPENBLAS_THREAD_TIMEOUT"] == "20"
