@@ -20,7 +20,9 @@ The buffers hold at most `budget` rows (slots * L_cap; by default the cache's ow
 memory at most doubles, or one ROUND per sequence id for a tiny cache). When a call would need
 more, it returns None and the caller gathers. They grow by doubling (slots and L_cap alike, within
 the budget): every growth reallocates and copies all of a layer's rows, and sequences joining one
-by one (32 of them through chunked prefill) must not cost a reallocation each.
+by one (32 of them through chunked prefill) must not cost a reallocation each. A growth that leaves
+L_cap less than doubling room takes all of it at once: 32 decoding sequences would otherwise stop
+for a last, small reallocation of every layer (~0.7 s for SmolLM2) in the middle of decoding.
 """
 
 from __future__ import annotations
@@ -174,7 +176,10 @@ class DenseKV:
             slots = max(slots, min(GROWTH * have_slots, self.cache.n_seq_max, self.budget // width))
         slots = max(slots, have_slots)
         wanted = ROUND * math.ceil(max(width, GROWTH * have_width) / ROUND) if width > have_width else have_width
-        width = max(width, min(wanted, self.budget // slots))  # below have_width only when more slots need it
+        room = self.budget // slots  # rows per slot the budget allows
+        width = max(width, min(wanted, room))  # below have_width only when more slots need it
+        if room < GROWTH * width:  # the rows can never double again: take them all now, rather than
+            width = room  # reallocate every layer later for a last small growth (256 -> 320 -> 386)
         self._reallocate(layer, slots, width)
 
     def _reallocate(self, layer: int, slots: int, width: int) -> None:

@@ -117,6 +117,18 @@ def test_sequences_joining_one_by_one_reallocate_the_buffers_a_few_times() -> No
     assert mem._dense.reallocations <= 6
 
 
+def test_rows_take_the_budgets_last_room_at_once_rather_than_reallocate_for_it() -> None:
+    mem = make("kv", n_ctx=32 * 96, n_seq_max=32)  # 96 rows a slot for 32 sequences
+    run_step(mem, list(range(40)) * 32, [s for s in range(32) for _ in range(40)])
+    dense_after_step(mem, [40] * 32, list(range(32)))  # 41 rows each: 64 wide, 96 fit, 128 never will
+    assert mem._dense._k[1].shape[::2] == (32, 96)
+    before = mem._dense.reallocations
+    for n in range(41, 96):  # decoding on to the budget's width: no layer reallocates again
+        dense, kv, seqs = dense_after_step(mem, [n] * 32, list(range(32)))
+    assert mem._dense.reallocations == before
+    assert_matches_kv(dense, kv, seqs)
+
+
 def test_more_slots_in_a_full_budget_narrow_the_rows_and_drop_the_rows_cut_off() -> None:
     mem = make("kv", n_ctx=512, n_seq_max=4)
     mem._dense.budget = 256
