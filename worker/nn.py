@@ -9,6 +9,7 @@ import numpy as np
 
 from statemesh.memory import Backend
 from statemesh.worker.errors import MissingTensor, ShapeMismatch
+from statemesh.worker.host_arena import HostArena
 
 
 def xp_of(x: Any) -> Any:
@@ -57,10 +58,12 @@ def softcap(x: Any, cap: float) -> Any:
 
 
 class Weights:
-    """Checkpoint tensors by name, checked against the config's shapes, then put on the backend."""
+    """Checkpoint tensors by name, checked against the config's shapes, then put on the backend
+    (on the host, into a `HostArena` of huge pages)."""
 
     def __init__(self, tensors: dict[str, np.ndarray], backend: Backend):
         self.tensors, self.backend = tensors, backend
+        self.arena = HostArena() if backend.is_host else None
 
     def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         if name not in self.tensors:
@@ -71,6 +74,8 @@ class Weights:
         return t
 
     def put(self, t: np.ndarray) -> Any:
+        if self.arena is not None:
+            return self.arena.copy(t, np.float32)
         return self.backend.asarray(np.ascontiguousarray(t, dtype=np.float32))
 
     def embedding_and_head(self, name: str, vocab: int, hidden: int, tied: bool) -> tuple[Any, LMHead]:
