@@ -55,7 +55,9 @@ class DenseRows:
     rows: np.ndarray  # [S] int64, host
     last_positions: np.ndarray  # [S] int64, host: each sequence's last (largest) key position
     in_order: bool  # R == S and rows[i] == i: row i is the i-th sequence asked for
-    real: np.ndarray | None  # [R, L] bool, host: which keys are real; None when all of them are
+    # [R, L] bool on the backend: the keys each row's query attends, its real ones (a row no sequence
+    # asked for attends all its stale, finite keys, so its discarded softmax stays finite); None: all
+    visible: Array | None
 
 
 Copies = tuple[np.ndarray, np.ndarray, np.ndarray]  # cells, and the (slot, row) each one goes to
@@ -75,7 +77,7 @@ class _Step:
     rows: np.ndarray
     last_positions: np.ndarray
     in_order: bool
-    real: np.ndarray | None
+    visible: Array | None
     pending: dict[int, Copies]  # layer -> copies it has not made yet
 
 
@@ -117,7 +119,7 @@ class DenseKV:
         lo, hi, width = step.lo, step.hi, step.width
         return DenseRows(
             k[lo:hi, :, :width], v[lo:hi, :, :width], step.lengths, step.rows, step.last_positions, step.in_order,
-            step.real,
+            step.visible,
         )  # fmt: skip
 
     def _plan(self, ub: Any, seqs: tuple[int, ...]) -> _Step | None:
@@ -148,8 +150,10 @@ class DenseKV:
         last = np.where(n > 0, cache.pos[[h.buf[max(h.n - 1, 0)] for h in held]], -1)
         rows = seq_ids - lo
         in_order = hi - lo == len(seqs) and bool(np.all(rows == np.arange(len(seqs))))
-        real = np.arange(width)[None, :] < lengths[:, None] if np.any(lengths < width) else None
-        self._step = _Step(ub, seqs, cache._version, lo, hi, width, lengths, rows, last, in_order, real, pending)
+        visible = None
+        if np.any(lengths < width):  # once a step, not once a layer
+            visible = cache.backend.asarray((np.arange(width)[None, :] < lengths[:, None]) | (lengths[:, None] == 0))
+        self._step = _Step(ub, seqs, cache._version, lo, hi, width, lengths, rows, last, in_order, visible, pending)
         return self._step
 
     @staticmethod

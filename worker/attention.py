@@ -97,7 +97,7 @@ def attend_dense(
         padded = xp.zeros((n_rows, n_kv, group, head_dim), dtype=q.dtype)
         padded[rows_dev] = queries
         queries = padded
-    visible = None if dense.real is None else xp.asarray(dense.real | (dense.lengths[:, None] == 0))  # [R, L]
+    visible = dense.visible  # [R, L] or None
     parts = 1 if threads is None else min(threads.n, n_rows // MIN_PART)
     if parts > 1:
         bounds = np.linspace(0, n_rows, parts + 1).astype(int)

@@ -12,9 +12,9 @@ they cannot be changed from inside it:
   tokens/s), and 32 streams are no slower beyond the noise (12 pairs over a day: -6% to +2% by
   hour). Shorter polls give less (2**18: ~+5% for one stream).
 - glibc's malloc thresholds: with its defaults, a freed multi-MB buffer goes back to the kernel
-  and the next one page-faults again (~2 us per 4 KB page, no transparent huge pages on these
-  machines), which dominates gathers and snapshot writes of a few MB. Keeping freed memory mapped
-  makes them 3-4x faster (`make bench`).
+  and the next one page-faults again (~2 us per 4 KB page; these machines give huge pages only to
+  memory that asks for them, see `worker/host_arena.py`), which dominates gathers and snapshot
+  writes of a few MB. Keeping freed memory mapped makes them 3-4x faster (`make bench`).
 
 Launchers (the service's worker processes, the benchmarks) start workers with `worker_environment()`
 added to their environment; `missing_settings()` names what this process lacks, for a warning.
