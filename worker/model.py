@@ -17,6 +17,7 @@ import numpy as np
 from statemesh.memory import Backend, Batch, Memory, MemorySpec, MicroBatch, create_memory
 from statemesh.worker.config import ModelConfig
 from statemesh.worker.errors import InvalidTokens
+from statemesh.worker.row_blocks import RowBlocks
 from statemesh.worker.threads import Threads
 from statemesh.worker.tokenizer import Tokenizer
 
@@ -34,6 +35,13 @@ class Model(ABC):
     def threads(self) -> Threads | None:
         """The host's cores for work that would run on one (decode attention); None on a device."""
         return Threads() if self.backend.is_host else None
+
+    @cached_property
+    def row_blocks(self) -> RowBlocks | None:
+        """Small products for a few rows through a large weight (the vocabulary head), where the
+        host's BLAS has the kernels for them; None on a device or without them."""
+        threads = self.threads
+        return RowBlocks(threads) if threads is not None and RowBlocks.available() else None
 
     @abstractmethod
     def memory_spec(self) -> MemorySpec:

@@ -10,6 +10,7 @@ import numpy as np
 from statemesh.memory import Backend
 from statemesh.worker.errors import MissingTensor, ShapeMismatch
 from statemesh.worker.host_arena import HostArena
+from statemesh.worker.row_blocks import RowBlocks
 
 
 def xp_of(x: Any) -> Any:
@@ -100,20 +101,21 @@ class Weights:
 class LMHead:
     """h [n, E] -> logits [n, V] through w [V, E], which it keeps in both layouts: one row is a
     matrix-vector product, fastest over a contiguous [E, V] copy (3.2 ms against 4.4 for
-    SmolLM2); several rows are a matrix product, fastest as w @ h.T (32 rows: 17 ms against 21),
-    because BLAS then packs the small h, not the 113 MB matrix. That product comes out [V, n], and
-    turning the whole of it into [n, V] costs another ~3 ms (a transposed copy of 6 MB); a block
-    of `ROWS_PER_BLOCK` vocabulary rows at a time stays in the core's cache, so writing each block
-    transposed costs nothing measurable."""
+    SmolLM2). Several rows go, where the host's BLAS has the kernels (`RowBlocks`), through small
+    products over blocks of w's rows (32 rows: ~12 ms against ~17); else through w @ h.T, because
+    BLAS then packs the small h, not the 113 MB matrix, a block of `ROWS_PER_BLOCK` vocabulary
+    rows at a time, so that each [block, n] result is written transposed while it is in cache."""
 
     ROWS_PER_BLOCK = 2048  # [2048, n] results: 256 KB for 32 rows, within a 2 MB L2
 
     def __init__(self, w: Any, w_t: Any):
         self.w, self.w_t = w, w_t  # [V, E] (the embedding itself when tied), [E, V]
 
-    def __call__(self, h: Any) -> Any:
+    def __call__(self, h: Any, row_blocks: RowBlocks | None = None) -> Any:
         if h.shape[0] == 1:
             return h @ self.w_t
+        if row_blocks is not None and (logits := row_blocks(h, self.w)) is not None:
+            return logits
         xp = xp_of(h)
         vocab, block = self.w.shape[0], self.ROWS_PER_BLOCK
         out = xp.empty((h.shape[0], vocab), dtype=xp.float32)

@@ -140,5 +140,5 @@ class FalconH1Model(Model):
         return o.reshape(n, -1) @ w.wo  # [n, H*D] @ [H*D, E] -> [n, E]
 
     def head(self, x: Any) -> Any:
-        logits = self.lm_head(rms_norm(x, self.final_norm, self.config.rms_norm_eps))
+        logits = self.lm_head(rms_norm(x, self.final_norm, self.config.rms_norm_eps), self.row_blocks)
         return logits * self.m["lm_head_multiplier"]

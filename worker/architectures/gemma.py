@@ -155,5 +155,5 @@ class GemmaModel(Model):
         return x + rms_norm(mlp, w.norm_post_mlp, eps, plus_one=True)
 
     def head(self, x: Any) -> Any:
-        logits = self.lm_head(rms_norm(x, self.final_norm, self.config.rms_norm_eps, plus_one=True))
+        logits = self.lm_head(rms_norm(x, self.final_norm, self.config.rms_norm_eps, plus_one=True), self.row_blocks)
         return logits if self.final_softcap is None else softcap(logits, float(self.final_softcap))

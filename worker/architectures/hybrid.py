@@ -226,4 +226,5 @@ class HybridModel(Model):
         return o.reshape(n, -1) @ w.wo  # [n, H*D] @ [H*D, E] -> [n, E]
 
     def head(self, x: Any) -> Any:
-        return self.lm_head(rms_norm(x, self.final_norm, self.config.rms_norm_eps)) / self.logits_scaling
+        logits = self.lm_head(rms_norm(x, self.final_norm, self.config.rms_norm_eps), self.row_blocks)
+        return logits / self.logits_scaling

@@ -109,4 +109,4 @@ class LlamaModel(Model):
         return x
 
     def head(self, x: Any) -> Any:
-        return self.lm_head(rms_norm(x, self.final_norm, self.config.rms_norm_eps))  # [n, E] -> [n, V]
+        return self.lm_head(rms_norm(x, self.final_norm, self.config.rms_norm_eps), self.row_blocks)  # [n, E] -> [n, V]

@@ -60,4 +60,4 @@ class MambaModel(Model):
         return x + out.reshape(x.shape)
 
     def head(self, x: Any) -> Any:
-        return self.lm_head(rms_norm(x, self.final_norm, self.config.rms_norm_eps))
+        return self.lm_head(rms_norm(x, self.final_norm, self.config.rms_norm_eps), self.row_blocks)

@@ -125,4 +125,4 @@ class NemotronHModel(Model):
         return x + o.reshape(n, -1) @ wo  # [n, H*D] @ [H*D, E] -> [n, E]
 
     def head(self, x: Any) -> Any:
-        return self.lm_head(rms_norm(x, self.final_norm, self.config.rms_norm_eps))
+        return self.lm_head(rms_norm(x, self.final_norm, self.config.rms_norm_eps), self.row_blocks)
