@@ -120,10 +120,20 @@ def attend_dense(
 
 def _dense_rows(queries: Any, k: Any, v: Any, scale: float, softcap: float | None, visible: Any) -> Any:
     """queries [R, Hkv, G, D] over k [R, Hkv, L, D], v [R, Hkv, L, Dv] -> [R, Hkv, G, Dv];
-    `visible` [R, L] masks padding (None: every key is real)."""
-    scores = queries @ k.transpose(0, 1, 3, 2)  # [R, Hkv, G, D] @ [R, Hkv, D, L] -> [R, Hkv, G, L]
-    probs = softmax(scores, scale, softcap, None if visible is None else visible[:, None, None, :])
-    return probs @ v  # [R, Hkv, G, L] @ [R, Hkv, L, Dv] -> [R, Hkv, G, Dv]
+    `visible` [R, L] masks padding (None: every key is real). The softmax as `softmax` computes
+    it, with two of its passes over the [R, Hkv, G, L] scores moved onto smaller arrays: the scale
+    onto the queries (D numbers a head, not L), the normalization onto the output (Dv, not L)."""
+    xp = xp_of(queries)
+    scores = (queries * xp.float32(scale)) @ k.transpose(0, 1, 3, 2)  # [R, Hkv, G, D] @ [R, Hkv, D, L] -> [.., G, L]
+    if softcap is not None:
+        scores = nn.softcap(scores, softcap)
+    if visible is not None:
+        xp.copyto(scores, xp.float32(-np.inf), where=~visible[:, None, None, :])
+    scores -= scores.max(axis=-1, keepdims=True)
+    weights = xp.exp(scores, out=scores)  # unnormalized
+    o = weights @ v  # [R, Hkv, G, L] @ [R, Hkv, L, Dv] -> [R, Hkv, G, Dv]
+    o /= weights.sum(axis=-1, keepdims=True)
+    return o
 
 
 def softmax(scores: Any, scale: float, cap: float | None, visible: Any) -> Any:
