@@ -17,8 +17,9 @@ first call (`_Step`), and each layer's call then makes just its own copy (a laye
 called before the next plan is marked stale, and rebuilt when next asked for).
 
 The buffers hold at most `budget` rows (slots * L_cap; by default the cache's own cell count, so
-memory at most doubles, or one ROUND per sequence id for a tiny cache). When a call would need
-more, it returns None and the caller gathers. They grow by doubling (slots and L_cap alike, within
+memory at most doubles, or one ROUND per sequence id for a tiny cache). Slots above the sequences a
+call asks for give their room back when its rows need it; when the call alone would need more, it
+returns None and the caller gathers. They grow by doubling (slots and L_cap alike, within
 the budget): every growth reallocates and copies all of a layer's rows, and sequences joining one
 by one (32 of them through chunked prefill) must not cost a reallocation each. A growth that leaves
 L_cap less than doubling room takes all of it at once: 32 decoding sequences would otherwise stop
@@ -130,8 +131,7 @@ class DenseKV:
         seq_ids = np.array(seqs, dtype=np.int64)
         n = np.array([h.n for h in held], dtype=np.int64)
         lo, hi, width = int(seq_ids.min()), int(seq_ids.max()) + 1, int(n.max())
-        have_slots = max((k.shape[0] for k in self._k.values()), default=0)  # buffers never shrink
-        if max(hi, have_slots) * width > self.budget:
+        if hi * width > self.budget:  # slots beyond hi that no one asked for give their room back (`_fit`)
             return None
         if self._step is not None:  # a layer that never made its copies: its rows are stale
             for layer, (_, slots, _) in self._step.pending.items():
@@ -169,8 +169,8 @@ class DenseKV:
         return cells, slots, rows
 
     def _fit(self, layer: int, slots: int, width: int) -> None:
-        """Make layer's buffers at least [slots, :, width] (the plan checked that this fits the
-        budget), growing what must grow by GROWTH where the budget allows."""
+        """Make layer's buffers hold slots 0 .. slots-1 at least `width` rows wide (the plan checked
+        that this fits the budget), growing what must grow by GROWTH where the budget allows."""
         k = self._k.get(layer)
         have_slots, have_width = (k.shape[0], k.shape[2]) if k is not None else (0, 0)
         if slots <= have_slots and width <= have_width:
@@ -178,7 +178,11 @@ class DenseKV:
         width = max(width, 1)
         if slots > have_slots:
             slots = max(slots, min(GROWTH * have_slots, self.cache.n_seq_max, self.budget // width))
-        slots = max(slots, have_slots)
+        # Keep the slots there are unless the rows need their room; then shrink to the slots asked
+        # for, at once. (A growth to 32 sequences may take 34 slots, twice 17: 34 * 363 rows fill a
+        # budget of 12352 rows that 32 sequences of 384 fit.)
+        if have_slots * width <= self.budget:
+            slots = max(slots, have_slots)
         wanted = ROUND * math.ceil(max(width, GROWTH * have_width) / ROUND) if width > have_width else have_width
         room = self.budget // slots  # rows per slot the budget allows
         width = max(width, min(wanted, room))  # below have_width only when more slots need it
@@ -187,19 +191,20 @@ class DenseKV:
         self._reallocate(layer, slots, width)
 
     def _reallocate(self, layer: int, slots: int, width: int) -> None:
-        """New buffers [slots, :, width] holding the old ones' rows; a slot whose rows no longer fit
-        is marked stale (never one of the current step's: the plan's width fits)."""
+        """New buffers [slots, :, width] holding the old ones' rows; a slot that no longer fits, or
+        whose rows no longer do, is marked stale (never one of the current step's: they fit)."""
         attn = self.cache.spec.attention(layer)
         backend, dtype = self.cache.backend, self.cache.spec.dtype
         grown_k = backend.zeros((slots, attn.n_kv_heads, width, attn.head_dim), dtype)
         grown_v = backend.zeros((slots, attn.n_kv_heads, width, attn.v_dim), dtype)
         if layer in self._k:
             have_slots, have_width = self._k[layer].shape[0], self._k[layer].shape[2]
-            keep = min(have_width, width)
-            grown_k[:have_slots, :, :keep] = self._k[layer][:, :, :keep]
-            grown_v[:have_slots, :, :keep] = self._v[layer][:, :, :keep]
+            kept, keep = min(have_slots, slots), min(have_width, width)
+            grown_k[:kept, :, :keep] = self._k[layer][:kept, :, :keep]
+            grown_v[:kept, :, :keep] = self._v[layer][:kept, :, :keep]
+            i = self._layer_index[layer]
+            self._epoch[i, kept:] = -1  # slots given back
             if width < have_width:
-                i = self._layer_index[layer]
                 self._epoch[i, self._count[i] > width] = -1
         self._k[layer], self._v[layer] = grown_k, grown_v
         self.reallocations += 1
