@@ -56,9 +56,10 @@ class DenseRows:
     rows: np.ndarray  # [S] int64, host
     last_positions: np.ndarray  # [S] int64, host: each sequence's last (largest) key position
     in_order: bool  # R == S and rows[i] == i: row i is the i-th sequence asked for
-    # [R, L] bool on the backend: the keys each row's query attends, its real ones (a row no sequence
-    # asked for attends all its stale, finite keys, so its discarded softmax stays finite); None: all
-    visible: Array | None
+    # [R, L] bool on the backend: the keys each row's query must not attend, those past its real ones
+    # (a row no sequence asked for hides none of its stale, finite keys, so its discarded softmax
+    # stays finite); None: none
+    hidden: Array | None
 
 
 Copies = tuple[np.ndarray, np.ndarray, np.ndarray]  # cells, and the (slot, row) each one goes to
@@ -78,7 +79,7 @@ class _Step:
     rows: np.ndarray
     last_positions: np.ndarray
     in_order: bool
-    visible: Array | None
+    hidden: Array | None
     pending: dict[int, Copies]  # layer -> copies it has not made yet
 
 
@@ -120,7 +121,7 @@ class DenseKV:
         lo, hi, width = step.lo, step.hi, step.width
         return DenseRows(
             k[lo:hi, :, :width], v[lo:hi, :, :width], step.lengths, step.rows, step.last_positions, step.in_order,
-            step.visible,
+            step.hidden,
         )  # fmt: skip
 
     def _plan(self, ub: Any, seqs: tuple[int, ...]) -> _Step | None:
@@ -150,10 +151,10 @@ class DenseKV:
         last = np.where(n > 0, cache.pos[[h.buf[max(h.n - 1, 0)] for h in held]], -1)
         rows = seq_ids - lo
         in_order = hi - lo == len(seqs) and bool(np.all(rows == np.arange(len(seqs))))
-        visible = None
+        hidden = None
         if np.any(lengths < width):  # once a step, not once a layer
-            visible = cache.backend.asarray((np.arange(width)[None, :] < lengths[:, None]) | (lengths[:, None] == 0))
-        self._step = _Step(ub, seqs, cache._version, lo, hi, width, lengths, rows, last, in_order, visible, pending)
+            hidden = cache.backend.asarray((np.arange(width)[None, :] >= lengths[:, None]) & (lengths[:, None] > 0))
+        self._step = _Step(ub, seqs, cache._version, lo, hi, width, lengths, rows, last, in_order, hidden, pending)
         return self._step
 
     @staticmethod
@@ -203,7 +204,7 @@ class DenseKV:
             grown_k[:kept, :, :keep] = self._k[layer][:kept, :, :keep]
             grown_v[:kept, :, :keep] = self._v[layer][:kept, :, :keep]
             i = self._layer_index[layer]
-            self._epoch[i, kept:] = -1  # slots given back
+            self._epoch[i, slots:have_slots] = -1  # slots given back (new slots were planned for this step)
             if width < have_width:
                 self._epoch[i, self._count[i] > width] = -1
         self._k[layer], self._v[layer] = grown_k, grown_v

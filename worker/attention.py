@@ -9,7 +9,6 @@ A query at position p sees the keys at positions <= p, and with a window W only 
 
 from __future__ import annotations
 
-from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -97,17 +96,17 @@ def attend_dense(
         padded = xp.zeros((n_rows, n_kv, group, head_dim), dtype=q.dtype)
         padded[rows_dev] = queries
         queries = padded
-    visible = dense.visible  # [R, L] or None
+    hidden = dense.hidden  # [R, L] or None
     parts = 1 if threads is None else min(threads.n, n_rows // MIN_PART)
     if parts > 1:
-        bounds = np.linspace(0, n_rows, parts + 1).astype(int)
-        spans = [slice(a, b) for a, b in pairwise(bounds.tolist())]
+        assert threads is not None
         chunks = [
-            (queries[r], dense.k[r], dense.v[r], scale, softcap, None if visible is None else visible[r]) for r in spans
+            (queries[r], dense.k[r], dense.v[r], scale, softcap, None if hidden is None else hidden[r])
+            for r in threads.spans(n_rows, parts)
         ]
-        o = xp.concatenate(threads.map(_dense_rows, chunks))  # type: ignore[union-attr]
+        o = xp.concatenate(threads.map(_dense_rows, chunks))
     else:
-        o = _dense_rows(queries, dense.k, dense.v, scale, softcap, visible)
+        o = _dense_rows(queries, dense.k, dense.v, scale, softcap, hidden)
     if not dense.in_order:
         o = o[rows_dev]
     o = o.reshape(len(seqs), n_heads, -1)  # [S, H, Dv]
@@ -118,17 +117,17 @@ def attend_dense(
     return out
 
 
-def _dense_rows(queries: Any, k: Any, v: Any, scale: float, softcap: float | None, visible: Any) -> Any:
+def _dense_rows(queries: Any, k: Any, v: Any, scale: float, softcap: float | None, hidden: Any) -> Any:
     """queries [R, Hkv, G, D] over k [R, Hkv, L, D], v [R, Hkv, L, Dv] -> [R, Hkv, G, Dv];
-    `visible` [R, L] masks padding (None: every key is real). The softmax as `softmax` computes
+    `hidden` [R, L] masks padding (None: every key is real). The softmax as `softmax` computes
     it, with two of its passes over the [R, Hkv, G, L] scores moved onto smaller arrays: the scale
     onto the queries (D numbers a head, not L), the normalization onto the output (Dv, not L)."""
     xp = xp_of(queries)
     scores = (queries * xp.float32(scale)) @ k.transpose(0, 1, 3, 2)  # [R, Hkv, G, D] @ [R, Hkv, D, L] -> [.., G, L]
     if softcap is not None:
         scores = nn.softcap(scores, softcap)
-    if visible is not None:
-        xp.copyto(scores, xp.float32(-np.inf), where=~visible[:, None, None, :])
+    if hidden is not None:
+        xp.copyto(scores, xp.float32(-np.inf), where=hidden[:, None, None, :])
     scores -= scores.max(axis=-1, keepdims=True)
     weights = xp.exp(scores, out=scores)  # unnormalized
     o = weights @ v  # [R, Hkv, G, L] @ [R, Hkv, L, Dv] -> [R, Hkv, G, Dv]

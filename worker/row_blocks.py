@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import ctypes
 import re
-from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -76,8 +75,7 @@ class RowBlocks:
         blocks = w.reshape(n_out // c, c, n_in)  # [O/c, c, I]: a view, each block contiguous
         h_t = np.ascontiguousarray(h.T, dtype=np.float32)  # [I, n]
         out = np.empty((n, n_out), dtype=np.float32)
-        bounds = np.linspace(0, len(blocks), self.threads.n + 1).astype(int).tolist()
-        parts = [(blocks, h_t, out, lo, hi) for lo, hi in pairwise(bounds) if hi > lo]
+        parts = [(blocks, h_t, out, span.start, span.stop) for span in self.threads.spans(len(blocks))]
         self.threads.map(_blocks_into, parts)
         return out
 

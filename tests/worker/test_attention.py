@@ -64,6 +64,16 @@ def test_threads_run_parts_beside_the_caller_and_keep_their_order() -> None:
     assert Threads(1).map(lambda i: i * 2, [(1,), (2,)]) == [2, 4]
 
 
+def test_threads_cut_a_range_into_near_equal_non_empty_spans() -> None:
+    threads = Threads(2)
+    try:
+        assert threads.spans(7) == [slice(0, 3), slice(3, 7)]
+        assert threads.spans(1) == [slice(0, 1)]  # never an empty part
+        assert threads.spans(10, 3) == [slice(0, 3), slice(3, 6), slice(6, 10)]
+    finally:
+        threads.close()
+
+
 def test_worker_settings_are_named_when_missing() -> None:
     assert missing_settings({}) == list(worker_environment())
     assert missing_settings(worker_environment()) == []
