@@ -20,10 +20,19 @@ The buffers hold at most `budget` rows (slots * L_cap; by default the cache's ow
 memory at most doubles, or one ROUND per sequence id for a tiny cache). Slots above the sequences a
 call asks for give their room back when its rows need it; when the call alone would need more, it
 returns None and the caller gathers. They grow by doubling (slots and L_cap alike, within
-the budget): every growth reallocates and copies all of a layer's rows, and sequences joining one
-by one (32 of them through chunked prefill) must not cost a reallocation each. A growth that leaves
-L_cap less than doubling room takes all of it at once: 32 decoding sequences would otherwise stop
-for a last, small reallocation of every layer (~0.7 s for SmolLM2) in the middle of decoding.
+the budget): a growth of L_cap moves all of a layer's rows, and sequences joining one by one (32 of
+them through chunked prefill) must not cost a move each. A growth that leaves L_cap less than
+doubling room takes all of it at once: 32 decoding sequences would otherwise stop for a last, small
+move of every layer's rows in the middle of decoding.
+
+Each layer's [slots, Hkv, L_cap, D] is a view of the front of a flat storage buffer, so a growth
+that the storage holds only moves the kept rows (or nothing, when L_cap stays), and one that it does
+not allocates a larger storage. A cache whose memory wants it (`reserve`: the host's full-attention
+caches) takes the whole budget's storage when it is made. On these machines fresh host memory costs
+~1.4 ms a MB on its first touch: the growth to 32 slots of 386 rows (569 MB for SmolLM2) stopped
+every sequence for ~0.8 s in the middle of serving; now the cache's creation pays it, once, as it
+pays for its own cells. (A device allocates from its pool without that cost, and grows as before.)
+Rows a relayout leaves behind hold other rows' keys, stale and finite, like a slot no one asks for.
 """
 
 from __future__ import annotations
@@ -84,17 +93,33 @@ class _Step:
 
 
 class DenseKV:
-    def __init__(self, cache: KVCache, budget: int):
+    def __init__(self, cache: KVCache, budget: int, reserve: bool = False):
         self.cache = cache
         self.budget = budget
-        self._k: dict[int, Array] = {}
+        self._k: dict[int, Array] = {}  # per layer: a view [slots, Hkv, L_cap, D] of the front of...
         self._v: dict[int, Array] = {}
+        self._k_storage: dict[int, Array] = {}  # ...a flat buffer that may hold more rows
+        self._v_storage: dict[int, Array] = {}
         self._layer_index = {layer: i for i, layer in enumerate(cache.layers)}
         # per layer and slot: the epoch of the sequence's index its rows were copied under, and how many
         self._epoch = np.full((len(cache.layers), cache.n_seq_max), -1, dtype=np.int64)
         self._count = np.zeros((len(cache.layers), cache.n_seq_max), dtype=np.int64)
         self._step: _Step | None = None
-        self.reallocations = 0  # of one layer's buffers (they copy every row they hold)
+        self.reallocations = 0  # new layouts of one layer's buffers (each moves the rows it keeps)
+        self.allocations = 0  # of one layer's storage (fresh memory)
+        self.reserve = reserve
+        if reserve:
+            for layer in cache.layers:
+                self._allocate(layer, budget)
+
+    def forget(self) -> None:
+        """Every row stale (the cache was cleared); reserved storage stays, grown storage goes."""
+        self._epoch[:] = -1
+        self._count[:] = 0
+        self._step = None
+        self._k, self._v = {}, {}
+        if not self.reserve:
+            self._k_storage, self._v_storage = {}, {}
 
     @staticmethod
     def default_budget(n_cells: int, n_seq_max: int) -> int:
@@ -102,7 +127,7 @@ class DenseKV:
 
     @property
     def nbytes(self) -> int:
-        return sum(int(a.nbytes) for a in (*self._k.values(), *self._v.values()))
+        return sum(int(a.nbytes) for a in (*self._k_storage.values(), *self._v_storage.values()))
 
     def rows(self, ub: Any, layer: int, seqs: tuple[int, ...]) -> DenseRows | None:
         step = self._step
@@ -192,20 +217,43 @@ class DenseKV:
         self._reallocate(layer, slots, width)
 
     def _reallocate(self, layer: int, slots: int, width: int) -> None:
-        """New buffers [slots, :, width] holding the old ones' rows; a slot that no longer fits, or
-        whose rows no longer do, is marked stale (never one of the current step's: they fit)."""
+        """Buffers [slots, :, width] holding the old ones' rows; a slot that no longer fits, or whose
+        rows no longer do, is marked stale (never one of the current step's: they fit)."""
+        k_row, v_row = self._row_size(layer)
+        old_k, old_v = self._k.get(layer), self._v.get(layer)
+        fresh = len(self._k_storage.get(layer, ())) < slots * width * k_row
+        if fresh:  # the old views keep the old storage alive for the copy below
+            self._allocate(layer, slots * width)
         attn = self.cache.spec.attention(layer)
-        backend, dtype = self.cache.backend, self.cache.spec.dtype
-        grown_k = backend.zeros((slots, attn.n_kv_heads, width, attn.head_dim), dtype)
-        grown_v = backend.zeros((slots, attn.n_kv_heads, width, attn.v_dim), dtype)
-        if layer in self._k:
-            have_slots, have_width = self._k[layer].shape[0], self._k[layer].shape[2]
+        k = self._k_storage[layer][: slots * width * k_row].reshape(slots, attn.n_kv_heads, width, attn.head_dim)
+        v = self._v_storage[layer][: slots * width * v_row].reshape(slots, attn.n_kv_heads, width, attn.v_dim)
+        if old_k is not None and old_v is not None:
+            have_slots, have_width = old_k.shape[0], old_k.shape[2]
             kept, keep = min(have_slots, slots), min(have_width, width)
-            grown_k[:kept, :, :keep] = self._k[layer][:kept, :, :keep]
-            grown_v[:kept, :, :keep] = self._v[layer][:kept, :, :keep]
+            if fresh:
+                k[:kept, :, :keep] = old_k[:kept, :, :keep]
+                v[:kept, :, :keep] = old_v[:kept, :, :keep]
+            elif width != have_width:  # the same storage, rows moved: old and new places overlap (NumPy
+                # would copy them first by itself, CuPy need not)
+                k[:kept, :, :keep] = old_k[:kept, :, :keep].copy()
+                v[:kept, :, :keep] = old_v[:kept, :, :keep].copy()
+            # (the same storage and width: every kept row already is where the new view looks)
             i = self._layer_index[layer]
             self._epoch[i, slots:have_slots] = -1  # slots given back (new slots were planned for this step)
             if width < have_width:
                 self._epoch[i, self._count[i] > width] = -1
-        self._k[layer], self._v[layer] = grown_k, grown_v
+        self._k[layer], self._v[layer] = k, v
         self.reallocations += 1
+
+    def _allocate(self, layer: int, rows: int) -> None:
+        """Fresh zeroed storage for `rows` rows of the layer (what it held before is not kept)."""
+        k_row, v_row = self._row_size(layer)
+        backend, dtype = self.cache.backend, self.cache.spec.dtype
+        self._k_storage[layer] = backend.zeros((rows * k_row,), dtype)
+        self._v_storage[layer] = backend.zeros((rows * v_row,), dtype)
+        self.allocations += 1
+
+    def _row_size(self, layer: int) -> tuple[int, int]:
+        """Numbers in one row of k and of v: Hkv * D, Hkv * Dv."""
+        attn = self.cache.spec.attention(layer)
+        return attn.n_kv_heads * attn.head_dim, attn.n_kv_heads * attn.v_dim

@@ -117,7 +117,9 @@ class KVCache(Memory, Leaf):
         self._next_stamp = 0
         self._n_used = 0
         self._seq = [_SeqCells() for _ in range(n_seq_max)]
-        self._dense = DenseKV(self, budget=DenseKV.default_budget(n_cells, n_seq_max))
+        # on the host, dense rows for full attention take their storage now (see `DenseKV`)
+        reserve = window is None and self.backend.is_host
+        self._dense = DenseKV(self, budget=DenseKV.default_budget(n_cells, n_seq_max), reserve=reserve)
 
     # ---- helpers ---------------------------------------------------------------------------------
 
@@ -238,7 +240,7 @@ class KVCache(Memory, Leaf):
         self._n_used = 0
         for s in self._seq:
             s.set(np.empty(0, dtype=np.int64))
-        self._dense = DenseKV(self, budget=self._dense.budget)  # let its buffers go
+        self._dense.forget()
 
     def seq_rm(self, seq: int | None, p0: int | None = None, p1: int | None = None) -> bool:
         self._mutate()

@@ -133,6 +133,7 @@ def test_sequences_joining_one_by_one_reallocate_the_buffers_a_few_times() -> No
         length[: joining + 1] = [n + 1 for n in length[: joining + 1]]
     # slots double (1, 2, 4, 8, 16, 32) rather than grow by one: each growth copies every held row
     assert mem._dense.reallocations <= 6
+    assert mem._dense.allocations == len(mem.layers)  # all within the storage the cache took when made
 
 
 def test_rows_take_the_budgets_last_room_at_once_rather_than_reallocate_for_it() -> None:
@@ -159,3 +160,46 @@ def test_more_slots_in_a_full_budget_narrow_the_rows_and_drop_the_rows_cut_off()
     mem._dense.budget = 1024  # room again for sequence 0: its rows past 85 must come from the cells
     dense, kv, seqs = dense_after_step(mem, [101], [0])
     assert_matches_kv(dense, kv, seqs)
+
+
+def test_a_host_cache_for_full_attention_takes_its_storage_when_made() -> None:
+    """Fresh host memory page-faults on its first touch: 32 SmolLM2 sequences growing into 569 MB of
+    dense rows stopped for ~0.8 s mid-decoding; the cache takes that storage when made instead."""
+    mem = make("kv", n_ctx=512, n_seq_max=4)
+    dense = mem._dense
+    assert dense.allocations == len(mem.layers)
+    row_bytes = sum(2 * int(np.prod(mem.spec.attention(i).k_shape)) * 4 for i in mem.layers)  # k and v
+    assert mem.stats()["dense_bytes"] == dense.budget * row_bytes
+    iswa = make("iswa", n_ctx=32, n_seq_max=2)
+    assert iswa.windowed._dense.allocations == 0 and iswa.windowed._dense.nbytes == 0  # never dense
+    assert iswa.full._dense.allocations == len(iswa.full.layers)
+
+
+def test_rows_moved_within_the_storage_stay_the_sequences_own() -> None:
+    """Growing rows (64 -> 128 wide) and slots (1 -> 2) within one storage moves each kept row to
+    its new place, the old and new places overlapping; nothing is allocated."""
+    mem = make("kv", n_ctx=512, n_seq_max=4)
+    run_step(mem, list(range(60)), [0] * 60)
+    dense_after_step(mem, [60], [0])  # one slot, 64 rows
+    run_step(mem, list(range(61, 100)), [0] * 39)
+    dense, kv, seqs = dense_after_step(mem, [100], [0])  # 101 rows: 128 wide
+    assert_matches_kv(dense, kv, seqs)
+    run_step(mem, list(range(30)), [1] * 30)
+    dense, kv, seqs = dense_after_step(mem, [101, 30], [0, 1])  # a second slot
+    assert_matches_kv(dense, kv, seqs)
+    assert mem._dense.reallocations == 3 and mem._dense.allocations == len(mem.layers)  # layer 1: 3 layouts
+
+
+def test_a_cleared_cache_keeps_its_storage_and_never_reads_the_rows_left_in_it() -> None:
+    mem = make("kv", n_ctx=256, n_seq_max=2)
+    run_step(mem, list(range(20)), [0] * 20)
+    dense_after_step(mem, [20], [0])
+    storage = mem._dense._k_storage[1]
+    mem.clear()
+    assert mem._dense._k_storage[1] is storage and mem.stats()["dense_bytes"] > 0
+    run_step(mem, list(range(20)), [0] * 20, salt=5.0)  # other keys at the same positions
+    with mem.batch(Batch([20], [0])) as plan:
+        for ub in plan:
+            store_ubatch(mem, ub, 5.0)
+            dense, kv = ub.kv_dense(1), {0: ub.kv(1, 0)}
+    assert_matches_kv(dense, kv, (0,))
