@@ -1,4 +1,5 @@
-"""Decode attention paths agree: dense rows (one thread or several) and the padded gather."""
+"""Attention paths agree: dense decode rows (one thread or several) and the padded gather; prompt
+chunks in query blocks against row-by-row attention."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from statemesh.memory import AttentionSpec, Batch, MemorySpec, create_memory
-from statemesh.worker.attention import attend, attend_batched, attend_dense
+from statemesh.worker.attention import attend, attend_batched, attend_dense, attend_each
 from statemesh.worker.runtime import missing_settings, worker_environment
 from statemesh.worker.threads import Threads
 
@@ -78,3 +79,43 @@ def test_worker_settings_are_named_when_missing() -> None:
     assert missing_settings({}) == list(worker_environment())
     assert missing_settings(worker_environment()) == []
     assert worker_environment()["OPENBLAS_THREAD_TIMEOUT"] == "20"
+
+
+def reference_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, k_pos: np.ndarray,
+                        scale: float, window: int | None, softcap: float | None) -> np.ndarray:  # fmt: skip
+    """q [T, H, D] over k [L, Hkv, D], v [L, Hkv, Dv] in float64, one query row at a time."""
+    group = q.shape[1] // k.shape[1]
+    out = np.zeros((len(q), q.shape[1], v.shape[2]))
+    for t, p in enumerate(q_pos):
+        seen = (k_pos <= p) & ((k_pos > p - window) if window is not None else True)
+        for h in range(q.shape[1]):
+            scores = k[seen, h // group].astype(np.float64) @ q[t, h].astype(np.float64) * scale
+            if softcap is not None:
+                scores = softcap * np.tanh(scores / softcap)
+            weights = np.exp(scores - scores.max())
+            out[t, h] = weights / weights.sum() @ v[seen, h // group]
+    return out
+
+
+@pytest.mark.parametrize(("window", "softcap"), [(None, None), (None, 5.0), (40, None), (200, 5.0)])
+def test_prompt_chunks_in_query_blocks_match_row_by_row_attention(window: int | None, softcap: float | None) -> None:
+    """A chunk of 150 rows after 70 cached ones (blocks of 64 rows, each over its own range of keys),
+    beside another sequence's chunk in the same micro-batch, rows interleaved."""
+    rng = np.random.default_rng(3)
+    spec = MemorySpec((AttentionSpec(HKV, D),))
+    mem = create_memory(spec, n_ctx=512, n_seq_max=2, backend="numpy")
+    with mem.batch(Batch(list(range(70)), [0] * 70)) as plan:
+        for ub in plan:
+            ub.store_kv(0, *rng.standard_normal((2, len(ub), HKV, D), dtype=np.float32))
+    positions = [p for i in range(150) for p in ((70 + i, i) if i < 40 else (70 + i,))]
+    seq_ids = [s for i in range(150) for s in ((0, 1) if i < 40 else (0,))]
+    q = rng.standard_normal((len(positions), HKV * G, D), dtype=np.float32)
+    with mem.batch(Batch(positions, seq_ids)) as plan:
+        for ub in plan:
+            ub.store_kv(0, *rng.standard_normal((2, len(ub), HKV, D), dtype=np.float32))
+            got = attend_each(q, ub, 0, 0.3, window, softcap, ub.seqs)
+            for seq in (0, 1):
+                rows = np.flatnonzero(ub.seq_ids == seq)
+                k, v, k_pos = ub.kv(0, seq)
+                want = reference_attention(q[rows], k, v, ub.positions[rows], k_pos, 0.3, window, softcap)
+                np.testing.assert_allclose(got[rows], want, rtol=1e-4, atol=1e-5)
