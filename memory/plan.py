@@ -83,8 +83,11 @@ class MicroBatch:
         return memory._leaf(layer)._kv_dense(self, layer, self._chosen(memory, seqs))
 
     def _chosen(self, memory: Memory, seqs: tuple[int, ...] | None) -> tuple[int, ...]:
-        """`seqs`, each checked, or this micro-batch's sequences when None."""
-        return self.seqs if seqs is None else tuple(memory._check_seq(s) for s in seqs)
+        """`seqs`, each checked, or this micro-batch's sequences when None (or when `seqs` are just
+        those, checked already: decode attention asks for them at every layer)."""
+        if seqs is None or seqs == self.seqs:
+            return self.seqs
+        return tuple(memory._check_seq(s) for s in seqs)
 
     def state(self, layer: int) -> tuple[Array, Array]:
         """The recurrent state before this micro-batch: conv `[len(seqs), *conv_shape]`, ssm
