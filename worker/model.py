@@ -88,8 +88,11 @@ class Model(ABC):
         return None
 
     @abstractmethod
-    def block(self, layer: int, x: Any, ub: MicroBatch, shared: Any) -> Any:
-        """One layer over the micro-batch's rows: hidden [n, E] -> hidden [n, E]."""
+    def block(self, layer: int, x: Any, ub: MicroBatch, shared: Any, keep: Any = None) -> Any:
+        """One layer over the micro-batch's rows: hidden [n, E] -> hidden [n, E]. With `keep` (row
+        indices on the backend) only those rows come out, [len(keep), E]: the mixer still runs over
+        every row, whose keys and states memory must hold, but what follows it only over the kept
+        ones (the last layer of a prompt chunk, of which one row's logits are wanted)."""
 
     @abstractmethod
     def head(self, x: Any) -> Any:
@@ -128,8 +131,11 @@ class Shard:
                 rows = model.backend.index(ub.rows)  # the micro-batch's rows, as the device indexes
                 x = model.embed(tokens[ub.rows]) if self.is_first else hidden[rows]
                 shared = model.prepare(ub)
+                picked = wanted[ub.rows]
+                # the last layer's output only for the rows whose logits are wanted (as llama.cpp does)
+                keep = model.backend.index(np.flatnonzero(picked)) if self.is_last and not picked.all() else None
                 for layer in range(self.first, self.end):
-                    x = model.block(layer, x, ub, shared)
+                    x = model.block(layer, x, ub, shared, keep if layer == self.end - 1 else None)
                 if not self.is_last:
                     if out is None:
                         out = xp.empty((batch.n_tokens, x.shape[1]), dtype=x.dtype)
@@ -137,10 +143,8 @@ class Shard:
                     continue
                 if out is None:
                     out = xp.empty((int(wanted.sum()), model.config.vocab_size), dtype=xp.float32)
-                picked = wanted[ub.rows]
-                if picked.any():
-                    wanted_rows = model.backend.index(out_row[ub.rows[picked]])
-                    out[wanted_rows] = model.head(x[model.backend.index(np.flatnonzero(picked))])
+                if picked.any():  # x holds just the picked rows (`keep`)
+                    out[model.backend.index(out_row[ub.rows[picked]])] = model.head(x)
         return out
 
     def _checked_tokens(self, batch: Batch) -> np.ndarray:

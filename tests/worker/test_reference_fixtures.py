@@ -51,6 +51,25 @@ def test_prompt_logits_and_greedy_continuation_match_transformers(case) -> None:
     assert relative_error(np.stack(steps), expected["greedy_logits"]) < TOLERANCE
 
 
+def test_logits_of_some_rows_equal_those_of_all_rows_and_match_transformers(case) -> None:  # type: ignore[no-untyped-def]
+    """Asking for some rows' logits runs the last layer past its mixer for those rows alone (`keep`);
+    they equal the same rows of a run that wants every row, and the reference."""
+    model, expected = case
+    ids = expected["prompt_ids"].tolist()
+    every = prefill(model, model.create_memory(n_ctx=64, n_seq_max=1), ids)
+    wanted = [i in (2, len(ids) - 1) for i in range(len(ids))]  # a middle row and the last
+    mem = model.create_memory(n_ctx=64, n_seq_max=1)
+    some = model.decode(mem, Batch(list(range(len(ids))), [0] * len(ids), tokens=ids, logits=wanted))
+    assert some.shape == (2, every.shape[1])
+    np.testing.assert_allclose(some, every[[2, len(ids) - 1]], rtol=1e-5, atol=1e-5 * float(np.abs(every).max()))
+    assert relative_error(some, expected["prompt_logits"][[2, len(ids) - 1]]) < TOLERANCE
+    following = model.decode(mem, Batch([len(ids)], [0], tokens=[int(np.argmax(some[-1]))]))  # memory whole
+    assert int(np.argmax(following[-1])) == expected["greedy_ids"].tolist()[1]
+    quiet = Batch(list(range(len(ids))), [0] * len(ids), tokens=ids, logits=[False] * len(ids))
+    none = model.decode(model.create_memory(n_ctx=64, n_seq_max=1), quiet)
+    assert none.shape == (0, every.shape[1])
+
+
 def test_prefill_in_chunks_equals_one_pass_equals_token_by_token(case) -> None:  # type: ignore[no-untyped-def]
     model, expected = case
     ids = expected["prompt_ids"].tolist()

@@ -111,7 +111,7 @@ class FalconH1Model(Model):
     def prepare(self, ub: MicroBatch) -> tuple[Any, Any]:
         return self.rope.cos_sin(ub.positions, self.backend.xp)
 
-    def block(self, layer: int, x: Any, ub: MicroBatch, shared: Any) -> Any:
+    def block(self, layer: int, x: Any, ub: MicroBatch, shared: Any, keep: Any = None) -> Any:
         c, w, m = self.config, self.layers[layer], self.m
         kv_layer, state_layer = 2 * layer, 2 * layer + 1
         h = rms_norm(x, w.norm_in, c.rms_norm_eps)
@@ -122,6 +122,8 @@ class FalconH1Model(Model):
         ub.store_state(state_layer, conv_state, ssm_state)
         attn_out = self._attention(kv_layer, w, h * m["attention_in_multiplier"], ub, shared)
         x = x + ssm_out.reshape(x.shape) * m["ssm_out_multiplier"] + attn_out * m["attention_out_multiplier"]
+        if keep is not None:
+            x = x[keep]
         h = rms_norm(x, w.norm_mlp, c.rms_norm_eps)
         y = silu((h @ w.w_gate) * self.m_gate) * (h @ w.w_up)  # [n, F]
         return x + (y @ w.w_down) * self.m_down  # [n, F] @ [F, E] -> [n, E]

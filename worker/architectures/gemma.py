@@ -130,7 +130,7 @@ class GemmaModel(Model):
         xp = self.backend.xp
         return {id(r): r.cos_sin(ub.positions, xp) for r in (self.rope_full, self.rope_windowed)}
 
-    def block(self, layer: int, x: Any, ub: MicroBatch, shared: Any) -> Any:
+    def block(self, layer: int, x: Any, ub: MicroBatch, shared: Any, keep: Any = None) -> Any:
         c, w, eps = self.config, self.layers[layer], self.config.rms_norm_eps
         n, q_dim, kv_dim = x.shape[0], c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
         h = rms_norm(x, w.norm_in, eps, plus_one=True)
@@ -147,7 +147,9 @@ class GemmaModel(Model):
         o = attend(
             q, ub, layer, self.scale, window=w.window, softcap=self.attn_softcap, threads=self.threads
         )  # [n, H, D]
-        x = x + rms_norm(o.reshape(n, -1) @ w.wo, w.norm_post_attn, eps, plus_one=True)
+        if keep is not None:
+            x, o, n = x[keep], o[keep], len(keep)
+        x = x + rms_norm(o.reshape(n, o.shape[1] * o.shape[2]) @ w.wo, w.norm_post_attn, eps, plus_one=True)
         h = rms_norm(x, w.norm_pre_mlp, eps, plus_one=True)
         gate_up = h @ w.w_gate_up  # [n, E] @ [E, 2F] -> [n, 2F]
         f = c.intermediate_size

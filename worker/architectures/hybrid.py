@@ -198,7 +198,7 @@ class HybridModel(Model):
     def prepare(self, ub: MicroBatch) -> tuple[Any, Any] | None:
         return None if self.rope is None else self.rope.cos_sin(ub.positions, self.backend.xp)
 
-    def block(self, layer: int, x: Any, ub: MicroBatch, shared: Any) -> Any:
+    def block(self, layer: int, x: Any, ub: MicroBatch, shared: Any, keep: Any = None) -> Any:
         c, w = self.config, self.layers[layer]
         h = rms_norm(x, w.norm_in, c.rms_norm_eps)
         if not isinstance(w.mixer, AttentionMixer):
@@ -209,6 +209,8 @@ class HybridModel(Model):
             x = x + out.reshape(x.shape) * self.residual_multiplier
         else:
             x = x + self._attention(layer, w.mixer, h, ub, shared) * self.residual_multiplier
+        if keep is not None:
+            x = x[keep]
         return x + w.ffn(rms_norm(x, w.norm_mlp, c.rms_norm_eps)) * self.residual_multiplier
 
     def _attention(self, layer: int, w: AttentionMixer, h: Any, ub: MicroBatch, shared: Any) -> Any:

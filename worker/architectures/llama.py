@@ -86,7 +86,7 @@ class LlamaModel(Model):
     def prepare(self, ub: MicroBatch) -> tuple[Any, Any]:
         return self.rope.cos_sin(ub.positions, self.backend.xp)  # the same for every layer
 
-    def block(self, layer: int, x: Any, ub: MicroBatch, shared: Any) -> Any:
+    def block(self, layer: int, x: Any, ub: MicroBatch, shared: Any, keep: Any = None) -> Any:
         c, w = self.config, self.layers[layer]
         n, q_dim, kv_dim = x.shape[0], c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
         h = rms_norm(x, w.attn_norm, c.rms_norm_eps)
@@ -99,7 +99,9 @@ class LlamaModel(Model):
         v = qkv[:, q_dim + kv_dim :].reshape(n, c.n_kv_heads, c.head_dim)  # [n, Hkv, D]
         ub.store_kv(layer, k, v)
         o = attend(q, ub, layer, self.scale, window=c.sliding_window, threads=self.threads)  # [n, H, D]
-        x = x + o.reshape(n, -1) @ w.wo  # [n, H*D] @ [H*D, E] -> [n, E]
+        if keep is not None:
+            x, o, n = x[keep], o[keep], len(keep)
+        x = x + o.reshape(n, o.shape[1] * o.shape[2]) @ w.wo  # [n, H*D] @ [H*D, E] -> [n, E]
         h = rms_norm(x, w.mlp_norm, c.rms_norm_eps)
         gate_up = h @ w.w_gate_up  # [n, E] @ [E, 2F] -> [n, 2F]
         f = c.intermediate_size

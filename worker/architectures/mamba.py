@@ -51,13 +51,14 @@ class MambaModel(Model):
     def embed(self, tokens: np.ndarray) -> Any:
         return self.embedding[self.backend.index(tokens)]
 
-    def block(self, layer: int, x: Any, ub: MicroBatch, shared: Any) -> Any:
+    def block(self, layer: int, x: Any, ub: MicroBatch, shared: Any, keep: Any = None) -> Any:
         s, t = len(ub.seqs), ub.n_seq_tokens
         assert t is not None, "recurrent layers run on equal-split micro-batches"
         h = rms_norm(x, self.norms[layer], self.config.rms_norm_eps).reshape(s, t, -1)  # [n, E] -> [S, T, E]
         out, conv_state, ssm_state = self.mixers[layer](h, *ub.state(layer))
         ub.store_state(layer, conv_state, ssm_state)
-        return x + out.reshape(x.shape)
+        x = x + out.reshape(x.shape)
+        return x if keep is None else x[keep]  # a mixer alone: nothing after it to spare
 
     def head(self, x: Any) -> Any:
         return self.lm_head(rms_norm(x, self.final_norm, self.config.rms_norm_eps), self.row_blocks)

@@ -103,17 +103,18 @@ class NemotronHModel(Model):
     def embed(self, tokens: np.ndarray) -> Any:
         return self.embedding[self.backend.index(tokens)]
 
-    def block(self, layer: int, x: Any, ub: MicroBatch, shared: Any) -> Any:
+    def block(self, layer: int, x: Any, ub: MicroBatch, shared: Any, keep: Any = None) -> Any:
         c, kind, mixer = self.config, self.types[layer], self.mixers[layer]
         h = rms_norm(x, self.norms[layer], c.rms_norm_eps)
         if kind == "mlp":
-            return x + mixer(h)
+            return x + mixer(h) if keep is None else x[keep] + mixer(h[keep])
         if kind == "mamba":
             s, t = len(ub.seqs), ub.n_seq_tokens
             assert t is not None, "recurrent layers run on equal-split micro-batches"
             out, conv_state, ssm_state = mixer(h.reshape(s, t, -1), *ub.state(layer))  # rows as [S, T, E]
             ub.store_state(layer, conv_state, ssm_state)
-            return x + out.reshape(x.shape)
+            x = x + out.reshape(x.shape)
+            return x if keep is None else x[keep]
         w_qkv, wo = mixer
         n, q_dim, kv_dim = x.shape[0], c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
         qkv = h @ w_qkv  # [n, E] @ [E, (H+2Hkv)*D] -> [n, (H+2Hkv)*D]
@@ -122,7 +123,9 @@ class NemotronHModel(Model):
         v = qkv[:, q_dim + kv_dim :].reshape(n, c.n_kv_heads, c.head_dim)  # [n, Hkv, D]
         ub.store_kv(layer, k, v)
         o = attend(q, ub, layer, self.scale, threads=self.threads)  # [n, H, D]
-        return x + o.reshape(n, -1) @ wo  # [n, H*D] @ [H*D, E] -> [n, E]
+        if keep is not None:
+            x, o, n = x[keep], o[keep], len(keep)
+        return x + o.reshape(n, o.shape[1] * o.shape[2]) @ wo  # [n, H*D] @ [H*D, E] -> [n, E]
 
     def head(self, x: Any) -> Any:
         return self.lm_head(rms_norm(x, self.final_norm, self.config.rms_norm_eps), self.row_blocks)
