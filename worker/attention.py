@@ -173,12 +173,12 @@ def attend_batched(
     query_pos_dev = xp.asarray(query_pos)[:, :, None]  # [S, T, 1]
     qs = queries.reshape(n_seqs, width, n_kv, group, -1).transpose(0, 2, 3, 1, 4)  # -> [S, Hkv, G, T, D]
     keys = key_pos[:, None, :]  # [S, 1, L]
-    visible = (keys >= 0) & (keys <= query_pos_dev)  # [S, T, L]
+    hidden = (keys < 0) | (keys > query_pos_dev)  # [S, T, L]: padded keys, and keys past the query
     if window is not None:
-        padding = xp.asarray(query_pos == np.iinfo(np.int64).max // 2)[:, :, None]  # [S, T, 1]
-        visible &= (keys > query_pos_dev - window) | padding
+        real = xp.asarray(query_pos != np.iinfo(np.int64).max // 2)[:, :, None]  # [S, T, 1]: not padding
+        hidden |= (keys <= query_pos_dev - window) & real
     k_heads, v_heads = k.transpose(0, 2, 1, 3)[:, :, None], v.transpose(0, 2, 1, 3)[:, :, None]  # [S, Hkv, 1, L, D]
-    o = weighted_values(qs, k_heads, v_heads, scale, softcap, ~visible[:, None, None])  # -> [S, Hkv, G, T, Dv]
+    o = weighted_values(qs, k_heads, v_heads, scale, softcap, hidden[:, None, None])  # -> [S, Hkv, G, T, Dv]
     o = o.transpose(0, 3, 1, 2, 4).reshape(n_seqs, width, n_heads, -1)  # -> [S, T, H, Dv]
     out = xp.empty((q.shape[0], n_heads, o.shape[-1]), dtype=q.dtype)
     out[xp.asarray(mine)] = o[s_dev, t_dev]  # [n, H, Dv] for the rows of `seqs`

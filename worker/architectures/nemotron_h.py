@@ -105,9 +105,10 @@ class NemotronHModel(Model):
 
     def block(self, layer: int, x: Any, ub: MicroBatch, shared: Any, keep: Any = None) -> Any:
         c, kind, mixer = self.config, self.types[layer], self.mixers[layer]
+        if kind == "mlp":  # nothing mixes rows: the kept ones alone
+            x = x if keep is None else x[keep]
+            return x + mixer(rms_norm(x, self.norms[layer], c.rms_norm_eps))
         h = rms_norm(x, self.norms[layer], c.rms_norm_eps)
-        if kind == "mlp":
-            return x + mixer(h) if keep is None else x[keep] + mixer(h[keep])
         if kind == "mamba":
             s, t = len(ub.seqs), ub.n_seq_tokens
             assert t is not None, "recurrent layers run on equal-split micro-batches"
