@@ -204,6 +204,11 @@ class Memory(ABC):
     def _leaf(self, layer: int) -> Leaf:
         """The part that stores `layer`; InvalidLayer if this memory does not hold it."""
 
+    def _parts(self, ub: MicroBatch, n: int) -> list[MicroBatch]:
+        """`ub` cut into at most n parts that may run at the same time (`MicroBatch.parts`); by
+        default not cut: [ub]."""
+        return [ub]
+
     @abstractmethod
     def _transaction(self, real: bool) -> Transaction:
         """A transaction over this memory; `real=False` for a dry run (metadata only, no data)."""

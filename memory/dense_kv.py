@@ -33,6 +33,12 @@ caches) takes the whole budget's storage when it is made. On these machines fres
 every sequence for ~0.8 s in the middle of serving; now the cache's creation pays it, once, as it
 pays for its own cells. (A device allocates from its pool without that cost, and grows as before.)
 Rows a relayout leaves behind hold other rows' keys, stale and finite, like a slot no one asks for.
+
+The parts of a micro-batch (`MicroBatch.parts`) call at the same time from different threads, each
+for its own sequences, so for its own range of slots: each part plans its own step, and the buffers
+are laid out for all of them before they start (`prepare_parts`). A part never grows them (that
+would move rows another part is reading); where they do not hold its rows it is told None and
+gathers.
 """
 
 from __future__ import annotations
@@ -105,6 +111,7 @@ class DenseKV:
         self._epoch = np.full((len(cache.layers), cache.n_seq_max), -1, dtype=np.int64)
         self._count = np.zeros((len(cache.layers), cache.n_seq_max), dtype=np.int64)
         self._step: _Step | None = None
+        self._part_steps: dict[int, _Step] = {}  # by id of a micro-batch's part (`prepare_parts`)
         self.reallocations = 0  # new layouts of one layer's buffers (each moves the rows it keeps)
         self.allocations = 0  # of one layer's storage (fresh memory)
         self.reserve = reserve
@@ -117,6 +124,7 @@ class DenseKV:
         self._epoch[:] = -1
         self._count[:] = 0
         self._step = None
+        self._part_steps = {}
         self._k, self._v = {}, {}
         if not self.reserve:
             self._k_storage, self._v_storage = {}, {}
@@ -129,10 +137,25 @@ class DenseKV:
     def nbytes(self) -> int:
         return sum(int(a.nbytes) for a in (*self._k_storage.values(), *self._v_storage.values()))
 
+    def prepare_parts(self, seqs: tuple[int, ...]) -> None:
+        """Before the parts of a micro-batch run side by side on threads: lay out every layer's
+        buffers for all of their sequences `seqs`, so that no part's call moves rows another part
+        is reading (a part never grows the buffers: `rows` gathers instead). Steps planned before
+        are done with."""
+        self._end_steps()
+        held = [self.cache._seq[s] for s in seqs]
+        hi, width = max(seqs) + 1, max(h.n for h in held)
+        if hi * width <= self.budget:
+            for layer in self._layer_index:
+                self._fit(layer, hi, width)
+
     def rows(self, ub: Any, layer: int, seqs: tuple[int, ...]) -> DenseRows | None:
-        step = self._step
+        """`seqs`' rows at `layer` for micro-batch `ub`, or None when the budget cannot hold them
+        (or, for a part of a micro-batch, when the buffers laid out for the parts do not)."""
+        part = ub.parent is not None
+        step = self._part_steps.get(id(ub)) if part else self._step
         if step is None or step.ub is not ub or step.seqs != seqs or step.version != self.cache._version:
-            step = self._plan(ub, seqs)
+            step = self._plan(ub, seqs, part)
             if step is None:
                 return None
         self._fit(layer, step.hi, step.width)
@@ -149,9 +172,10 @@ class DenseKV:
             step.hidden,
         )  # fmt: skip
 
-    def _plan(self, ub: Any, seqs: tuple[int, ...]) -> _Step | None:
+    def _plan(self, ub: Any, seqs: tuple[int, ...], part: bool = False) -> _Step | None:
         """What each layer must copy for `seqs` in this micro-batch; None (nothing changed) when
-        their rows would not fit the budget."""
+        their rows would not fit the budget. A part of a micro-batch (`part`) touches only its own
+        sequences' slots, and its step is its own, beside the other parts'."""
         cache = self.cache
         held = [cache._seq[s] for s in seqs]
         seq_ids = np.array(seqs, dtype=np.int64)
@@ -159,9 +183,12 @@ class DenseKV:
         lo, hi, width = int(seq_ids.min()), int(seq_ids.max()) + 1, int(n.max())
         if hi * width > self.budget:  # slots beyond hi that no one asked for give their room back (`_fit`)
             return None
-        if self._step is not None:  # a layer that never made its copies: its rows are stale
-            for layer, (_, slots, _) in self._step.pending.items():
-                self._epoch[self._layer_index[layer], slots] = -1
+        if part and not all(self._holds(layer, hi, width) for layer in self._layer_index):
+            return None
+        if part:
+            self._end(self._part_steps.pop(id(ub), None))
+        else:
+            self._end_steps()
         now = np.array([h.epoch for h in held], dtype=np.int64)
         epoch, count = self._epoch[:, seq_ids], self._count[:, seq_ids]  # [layers, S]
         start = np.where((epoch == now) & (count <= n), count, 0)
@@ -179,8 +206,29 @@ class DenseKV:
         hidden = None
         if np.any(lengths < width):  # once a step, not once a layer
             hidden = cache.backend.asarray((np.arange(width)[None, :] >= lengths[:, None]) & (lengths[:, None] > 0))
-        self._step = _Step(ub, seqs, cache._version, lo, hi, width, lengths, rows, last, in_order, hidden, pending)
-        return self._step
+        step = _Step(ub, seqs, cache._version, lo, hi, width, lengths, rows, last, in_order, hidden, pending)
+        if part:
+            self._part_steps[id(ub)] = step
+        else:
+            self._step = step
+        return step
+
+    def _end_steps(self) -> None:
+        """Done with every step planned so far."""
+        for step in (self._step, *self._part_steps.values()):
+            self._end(step)
+        self._step, self._part_steps = None, {}
+
+    def _end(self, step: _Step | None) -> None:
+        """A layer that never made its copies for `step`: its rows are stale."""
+        if step is not None:
+            for layer, (_, slots, _) in step.pending.items():
+                self._epoch[self._layer_index[layer], slots] = -1
+
+    def _holds(self, layer: int, slots: int, width: int) -> bool:
+        """Whether layer's buffers hold slots 0 .. slots-1 at least `width` rows wide."""
+        k = self._k.get(layer)
+        return k is not None and slots <= k.shape[0] and width <= k.shape[2]
 
     @staticmethod
     def _copies(held: list[Any], seq_ids: np.ndarray, n: np.ndarray, start: np.ndarray) -> Copies:
@@ -197,10 +245,10 @@ class DenseKV:
     def _fit(self, layer: int, slots: int, width: int) -> None:
         """Make layer's buffers hold slots 0 .. slots-1 at least `width` rows wide (the plan checked
         that this fits the budget), growing what must grow by GROWTH where the budget allows."""
+        if self._holds(layer, slots, width):
+            return
         k = self._k.get(layer)
         have_slots, have_width = (k.shape[0], k.shape[2]) if k is not None else (0, 0)
-        if slots <= have_slots and width <= have_width:
-            return
         width = max(width, 1)
         if slots > have_slots:
             slots = max(slots, min(GROWTH * have_slots, self.cache.n_seq_max, self.budget // width))

@@ -6,6 +6,9 @@
             conv, ssm = ub.state(layer); ub.store_state(layer, conv, ssm)
     # leaving normally commits; leaving by an exception undoes every cell and state the batch touched
 
+A micro-batch of many sequences can be cut into parts that run side by side on threads
+(`ub.parts(n)`, where the memory can: each part touches only its own sequences).
+
 Planning never mutates: `Memory.batch` dry-runs every micro-batch through a transaction and rolls
 it back (as llama.cpp's `prepare` does), so the real run cannot run out of room.
 """
@@ -45,14 +48,43 @@ class MicroBatch:
         self.slots: dict[int, Any] = {}  # id(leaf part) -> what that part reserved for this ub
         self.stored: set[int] = set()  # layers written during this micro-batch
         self._memory: Memory | None = None  # set while this micro-batch is the current one
+        self.parent: MicroBatch | None = None  # for a part (`parts`): the micro-batch it was cut from
+        self.index: np.ndarray | None = None  # for a part: its rows' places among the parent's rows
+        self._parts: list[MicroBatch] = []
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def _live(self) -> Memory:
+        if self.parent is not None:
+            return self.parent._live()
         if self._memory is None:
             raise BatchStateError("this micro-batch is no longer current: use each ub inside its loop turn")
         return self._memory
+
+    def parts(self, n: int) -> list[MicroBatch]:
+        """This micro-batch cut into at most `n` parts of whole sequences, which may run at the same
+        time on different threads: each reads and writes only its own sequences' memory, in the
+        room this micro-batch reserved. Calls on one part stay on one thread, and every part must
+        store every layer, as a micro-batch does. [self] when the memory cannot cut it (then run
+        it whole). Parts hold `rows` of the batch as a micro-batch does; `index` says where their
+        rows sit among this micro-batch's."""
+        memory = self._live()
+        if self.parent is not None or self._parts:
+            raise BatchStateError("a micro-batch is cut into parts once, and a part is not cut again")
+        parts = memory._parts(self, n) if n > 1 and len(self.seqs) > 1 else [self]
+        self._parts = [p for p in parts if p is not self]
+        return parts
+
+    def _part(self, index: np.ndarray) -> MicroBatch:
+        """The rows `index` of this micro-batch (whole sequences) as a part; the memory fills its slots."""
+        part = MicroBatch.__new__(MicroBatch)
+        part.rows, part.positions, part.seq_ids = self.rows[index], self.positions[index], self.seq_ids[index]
+        present = set(part.seq_ids.tolist())
+        part.seqs = tuple(s for s in self.seqs if s in present)
+        part.n_seq_tokens, part.slots, part.stored, part._memory = self.n_seq_tokens, {}, set(), None
+        part.parent, part.index, part._parts = self, index, []
+        return part
 
     def store_kv(self, layer: int, k: Array, v: Array) -> None:
         """Store this micro-batch's keys `[len(ub), n_kv_heads, head_dim]` and values at `layer`."""
@@ -201,6 +233,7 @@ class BatchPlan:
         self._iterated = True
         for ub in self._ubatches:
             ub.slots.clear()
+            ub._parts = []
             self._txn.apply(ub)
             ub._memory = self._memory
             try:
@@ -211,12 +244,14 @@ class BatchPlan:
             self._done += 1
 
     def _check_stored(self, ub: MicroBatch) -> None:
-        missing = sorted(set(self._memory.layers) - ub.stored)
-        if missing:
-            raise BatchStateError(
-                f"micro-batch {self._done} ended without storing layers {missing}: every layer this "
-                "memory holds must call store_kv / store_state once per micro-batch"
-            )
+        for i, part in enumerate(ub._parts or [ub]):
+            missing = sorted(set(self._memory.layers) - part.stored)
+            if missing:
+                what = f"part {i} of micro-batch {self._done}" if ub._parts else f"micro-batch {self._done}"
+                raise BatchStateError(
+                    f"{what} ended without storing layers {missing}: every layer this "
+                    "memory holds must call store_kv / store_state once per micro-batch"
+                )
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

@@ -43,6 +43,13 @@ class Model(ABC):
         threads = self.threads
         return RowBlocks(threads) if threads is not None and RowBlocks.available() else None
 
+    @property
+    def runs_in_parts(self) -> bool:
+        """Whether a micro-batch of many sequences may run in parts, one per core (`Shard`): the
+        architecture's layers then run on threads side by side, so they must not call BLAS's own
+        threaded products there (`nn.in_part`). False unless the architecture says so."""
+        return False
+
     @abstractmethod
     def memory_spec(self) -> MemorySpec:
         """What each layer keeps per token or per sequence."""
@@ -99,8 +106,20 @@ class Model(ABC):
         """hidden [n, E] -> float32 logits [n, vocab] (final norm included)."""
 
 
+# Sequences per part. Below the least, a part's products stream all of the weights for too few rows
+# (a 16-stream step in parts of 8: 76-86 -> 85-99 ms); above the most, they are too large for the
+# small products (`RowBlocks`), and BLAS's own are better fed.
+PART_MIN_SEQS = 16
+PART_MAX_SEQS = 64
+
+
 class Shard:
-    """Layers [first, end) of a model over a memory that holds (at least) those layers."""
+    """Layers [first, end) of a model over a memory that holds (at least) those layers.
+
+    A micro-batch of many sequences runs in parts, one per core, each through every layer on its
+    own thread (`MicroBatch.parts`): a decode step's products, attention and the small steps
+    between them then need no hand-off between threads, where splitting each operation would
+    need one or two a layer (~60 us each here)."""
 
     def __init__(self, model: Model, first: int, end: int):
         self.model, self.first, self.end = model, first, end
@@ -124,28 +143,28 @@ class Shard:
                 f"layers from {self.first} take hidden states of shape ({batch.n_tokens}, {model.config.hidden_size})"
             )
         wanted = np.ones(batch.n_tokens, dtype=bool) if batch.logits is None else batch.logits
-        out_row = np.cumsum(wanted) - 1  # batch row -> its row in the logits
-        out = None
+        if self.is_last:
+            out = xp.empty((int(wanted.sum()), model.config.vocab_size), dtype=xp.float32)
+        else:
+            out = xp.empty((batch.n_tokens, model.config.hidden_size), dtype=xp.float32)
+        run = _Run(self, tokens if self.is_first else hidden, wanted, out)
+        threads = model.threads
         with mem.batch(batch, n_ubatch=n_ubatch) as plan:
             for ub in plan:
-                rows = model.backend.index(ub.rows)  # the micro-batch's rows, as the device indexes
-                x = model.embed(tokens[ub.rows]) if self.is_first else hidden[rows]
-                shared = model.prepare(ub)
-                picked = wanted[ub.rows]
-                # the last layer's output only for the rows whose logits are wanted (as llama.cpp does)
-                keep = model.backend.index(np.flatnonzero(picked)) if self.is_last and not picked.all() else None
-                for layer in range(self.first, self.end):
-                    x = model.block(layer, x, ub, shared, keep if layer == self.end - 1 else None)
-                if not self.is_last:
-                    if out is None:
-                        out = xp.empty((batch.n_tokens, x.shape[1]), dtype=x.dtype)
-                    out[rows] = x
-                    continue
-                if out is None:
-                    out = xp.empty((int(wanted.sum()), model.config.vocab_size), dtype=xp.float32)
-                if picked.any():  # x holds just the picked rows (`keep`)
-                    out[model.backend.index(out_row[ub.rows[picked]])] = model.head(x)
+                parts = ub.parts(threads.n) if threads is not None and self._cut(ub, threads.n) else [ub]
+                if len(parts) > 1:
+                    assert threads is not None
+                    threads.map(run, [(part,) for part in parts])
+                else:
+                    run(ub)
         return out
+
+    def _cut(self, ub: MicroBatch, n: int) -> bool:
+        """Whether to run the micro-batch's sequences in n parts, one per core (`MicroBatch.parts`):
+        where the model's layers can, for a decode step (one row a sequence) in which every part
+        gets `PART_MIN_SEQS` to `PART_MAX_SEQS` sequences."""
+        decoding = len(ub) == len(ub.seqs)
+        return self.model.runs_in_parts and decoding and n * PART_MIN_SEQS <= len(ub) <= n * PART_MAX_SEQS
 
     def _checked_tokens(self, batch: Batch) -> np.ndarray:
         if batch.tokens is None:
@@ -156,3 +175,26 @@ class Shard:
         if len(bad):
             raise InvalidTokens(f"token ids {bad[:5].tolist()} are outside the vocabulary 0 .. {vocab - 1}")
         return tokens
+
+
+class _Run:
+    """One micro-batch (or part of one) through a shard's layers, its rows written into `out`."""
+
+    def __init__(self, shard: Shard, source: Any, wanted: np.ndarray, out: Any):
+        self.shard, self.source, self.wanted, self.out = shard, source, wanted, out
+        self.out_row = np.cumsum(wanted) - 1  # batch row -> its row in the logits
+
+    def __call__(self, ub: MicroBatch) -> None:
+        shard, model = self.shard, self.shard.model
+        rows = model.backend.index(ub.rows)  # the micro-batch's rows, as the device indexes
+        x = model.embed(self.source[ub.rows]) if shard.is_first else self.source[rows]
+        shared = model.prepare(ub)
+        picked = self.wanted[ub.rows]
+        # the last layer's output only for the rows whose logits are wanted (as llama.cpp does)
+        keep = model.backend.index(np.flatnonzero(picked)) if shard.is_last and not picked.all() else None
+        for layer in range(shard.first, shard.end):
+            x = model.block(layer, x, ub, shared, keep if layer == shard.end - 1 else None)
+        if not shard.is_last:
+            self.out[rows] = x
+        elif picked.any():  # x holds just the picked rows (`keep`)
+            self.out[model.backend.index(self.out_row[ub.rows[picked]])] = model.head(x)

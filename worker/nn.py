@@ -37,12 +37,35 @@ def silu(x: Any) -> Any:
         return xp.divide(x, d, out=d)
 
 
-def times_out_in(h: Any, w: Any) -> Any:
+def times_out_in(h: Any, w: Any, row_blocks: RowBlocks | None = None) -> Any:
     """h [n, in] through w [out, in] (a checkpoint's own layout) -> [n, out]. BLAS streams w as it
     is stored and, for several rows, packs the small h: for SmolLM2's down projection [576, 1536]
     that is ~10% faster than h @ w[in, out] with one row and with 32 (a decode step of 32 streams
-    ~4% faster); the [in, out] layout stays faster for the wide gate/up projection with one row."""
+    ~4% faster); the [in, out] layout stays faster for the wide gate/up projection with one row.
+    In a part of a micro-batch, small products (`in_part`)."""
+    if (out := in_part(h, w, row_blocks)) is not None:
+        return out
     return (w @ h[0])[None] if h.shape[0] == 1 else (w @ h.T).T
+
+
+def times(h: Any, w: Any, w_out_in: Any = None, row_blocks: RowBlocks | None = None) -> Any:
+    """h [n, in] @ w [in, out] -> [n, out]; in a part of a micro-batch, small products over the
+    same weight laid out [out, in] (`in_part`), when the model keeps that copy."""
+    if w_out_in is not None and (out := in_part(h, w_out_in, row_blocks)) is not None:
+        return out
+    return h @ w
+
+
+def in_part(h: Any, w_out_in: Any, row_blocks: RowBlocks | None) -> Any | None:
+    """h [n, in] through w [out, in] as small products on this thread alone (`RowBlocks`), when
+    this thread runs a part of a micro-batch (`Threads.inside`), else None. The parts run side by
+    side, one per core: BLAS's own threaded products, called from two threads at once, run ~3x
+    slower here (a 32-stream decode step 171 -> 455 ms), and its single-threaded ones for a part's
+    16 rows are slower than the small products (30 SmolLM2 layers' projections, both parts
+    at once: 79 against 47 ms)."""
+    if row_blocks is None or h.shape[0] < 2 or not row_blocks.threads.inside:
+        return None
+    return row_blocks(h, w_out_in)
 
 
 def gelu_tanh(x: Any) -> Any:
@@ -90,12 +113,14 @@ class Weights:
         return embedding, LMHead(self.put(head), self.put(head.T))
 
     def qkv(self, prefix: str, hidden: int, q_dim: int, kv_dim: int, kind: str = "weight") -> Any:
-        """q, k and v projections side by side, [E, q + 2 kv] (`kind="bias"`: [q + 2 kv]): one
-        matmul instead of three. Names are prefix + "q_proj.weight" and so on."""
+        """q, k and v projections side by side, [E, q + 2 kv] (`kind="bias"`: [q + 2 kv]; `kind=
+        "weight_out_in"`: [q + 2 kv, E]): one matmul instead of three. Names are prefix +
+        "q_proj.weight" and so on."""
         parts = [(n, d) for n, d in (("q", q_dim), ("k", kv_dim), ("v", kv_dim))]
         if kind == "bias":
             return self.put(np.concatenate([self.get(prefix + f"{n}_proj.bias", (d,)) for n, d in parts]))
-        return self.put(np.concatenate([self.get(prefix + f"{n}_proj.weight", (d, hidden)) for n, d in parts]).T)
+        out_in = np.concatenate([self.get(prefix + f"{n}_proj.weight", (d, hidden)) for n, d in parts])
+        return self.put(out_in if kind == "weight_out_in" else out_in.T)
 
 
 class LMHead:

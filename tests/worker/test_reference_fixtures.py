@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from statemesh.memory import Batch, merge_snapshots
+from statemesh.memory import Batch, KVCache, MicroBatch, merge_snapshots
 from statemesh.worker import MissingTensor, Model, ModelError, ShapeMismatch, UnknownArchitecture, load_model
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -225,3 +225,26 @@ def test_a_mixed_batch_of_decodes_and_a_prompt_chunk_equals_running_each_alone(c
     for seq, chunk, start, rows in ((0, ids[:10], 0, [0]), (1, ids[:6], 0, [1]), (2, ids[:4], 0, [2, 3, 4, 5])):
         alone = prefill(model, model.create_memory(n_ctx=64, n_seq_max=1), chunk, start=start)
         assert relative_error(together[rows], alone[-len(rows) :]) < 1e-4, seq
+
+
+def test_thirty_two_sequences_decoding_at_once_match_transformers(case, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A decode step of 32 sequences, each at its own point of the greedy continuation: each row's
+    logits are the reference's for that point. Where the architecture runs a micro-batch in parts
+    (`Model.runs_in_parts`: the Llama family, on a host whose BLAS has small kernels) and its memory
+    cuts one (a plain KV cache; Mistral's windows make an ISWA cache), this step ran as two parts on
+    two threads."""
+    model, expected = case
+    ids, greedy = expected["prompt_ids"].tolist(), expected["greedy_ids"].tolist()
+    depth = [s % (len(greedy) - 1) for s in range(32)]  # sequence s holds the prompt and greedy[:depth]
+    mem = model.create_memory(n_ctx=32 * (len(ids) + len(greedy)), n_seq_max=32)
+    texts = [ids + greedy[:m] for m in depth]
+    for s, text in enumerate(texts):  # one at a time: a windowed cache holds a few prompts' rows at once
+        prefill(model, mem, text, seq=s)
+    cuts: list[int] = []
+    cut_into = MicroBatch.parts
+    monkeypatch.setattr(MicroBatch, "parts", lambda ub, n: cuts.append(len(parts := cut_into(ub, n))) or parts)
+    step = Batch([len(t) for t in texts], list(range(32)), tokens=[greedy[m] for m in depth])
+    logits = model.decode(mem, step)
+    for s, m in enumerate(depth):
+        assert relative_error(logits[s], expected["greedy_logits"][m + 1]) < TOLERANCE, s
+    assert cuts == ([2 if isinstance(mem, KVCache) else 1] if model.runs_in_parts else [])

@@ -22,9 +22,12 @@ from statemesh.memory import AttentionSpec, Backend, MemorySpec, MicroBatch
 from statemesh.worker.attention import attend
 from statemesh.worker.config import ModelConfig
 from statemesh.worker.model import Model
-from statemesh.worker.nn import Weights, rms_norm, silu, times_out_in
+from statemesh.worker.nn import Weights, rms_norm, silu, times, times_out_in
 from statemesh.worker.rope import Rope
+from statemesh.worker.row_blocks import RowBlocks
 from statemesh.worker.tokenizer import Tokenizer
+
+PART_COPIES_MAX_BYTES = 2 << 30  # the most that [out, in] copies of the projections may take (`runs_in_parts`)
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,11 @@ class LlamaLayer:
     mlp_norm: Any  # [E]
     w_gate_up: Any  # [E, 2F]: gate and up side by side
     w_down: Any  # [E, F], as the checkpoint has it (`times_out_in`)
+    # [out, in] copies of w_qkv, wo and w_gate_up for the small products of a micro-batch's parts
+    # (`nn.in_part`); None where the host's BLAS has no small kernels (`Model.runs_in_parts`)
+    w_qkv_t: Any = None
+    wo_t: Any = None
+    w_gate_up_t: Any = None
 
 
 class LlamaModel(Model):
@@ -61,16 +69,34 @@ class LlamaModel(Model):
         c = self.config
         p = f"model.layers.{i}."
         q_dim, kv_dim, e, f = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.hidden_size, c.intermediate_size
-        gate_up = [w.get(p + f"mlp.{n}_proj.weight", (f, e)) for n in ("gate", "up")]
+        gate_up = np.concatenate([w.get(p + f"mlp.{n}_proj.weight", (f, e)) for n in ("gate", "up")])  # [2F, E]
+        o = w.get(p + "self_attn.o_proj.weight", (e, q_dim))
+        both = self.runs_in_parts  # keep [out, in] copies too, for the parts' small products
         return LlamaLayer(
             attn_norm=w.put(w.get(p + "input_layernorm.weight", (e,))),
             w_qkv=w.qkv(p + "self_attn.", e, q_dim, kv_dim),
             b_qkv=w.qkv(p + "self_attn.", e, q_dim, kv_dim, kind="bias") if c.attention_bias else None,
-            wo=w.put(w.get(p + "self_attn.o_proj.weight", (e, q_dim)).T),
+            wo=w.put(o.T),
             mlp_norm=w.put(w.get(p + "post_attention_layernorm.weight", (e,))),
-            w_gate_up=w.put(np.concatenate(gate_up).T),
+            w_gate_up=w.put(gate_up.T),
             w_down=w.put(w.get(p + "mlp.down_proj.weight", (e, f))),
+            w_qkv_t=w.qkv(p + "self_attn.", e, q_dim, kv_dim, kind="weight_out_in") if both else None,
+            wo_t=w.put(o) if both else None,
+            w_gate_up_t=w.put(gate_up) if both else None,
         )
+
+    @property
+    def runs_in_parts(self) -> bool:
+        """On a host whose BLAS has small kernels: the projections of a micro-batch's part run as
+        small products over [out, in] copies of the weights (`nn.times`), for which the layers keep
+        them (SmolLM2: 318 MB more, 860 MB of weights in all). Not for a model whose copies would
+        take more than `PART_COPIES_MAX_BYTES`: there memory is worth more than the ~5-10% of a
+        32-stream decode step that parts save."""
+        c = self.config
+        q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        per_layer = c.hidden_size * (2 * q_dim + 2 * kv_dim + 2 * c.intermediate_size)
+        small_enough = 4 * per_layer * c.n_layers <= PART_COPIES_MAX_BYTES
+        return self.backend.is_host and small_enough and RowBlocks.available()
 
     def memory_spec(self) -> MemorySpec:
         c = self.config
@@ -90,7 +116,7 @@ class LlamaModel(Model):
         c, w = self.config, self.layers[layer]
         n, q_dim, kv_dim = x.shape[0], c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
         h = rms_norm(x, w.attn_norm, c.rms_norm_eps)
-        qkv = h @ w.w_qkv  # [n, E] @ [E, (H+2Hkv)*D] -> [n, (H+2Hkv)*D]
+        qkv = times(h, w.w_qkv, w.w_qkv_t, self.row_blocks)  # [n, E] @ [E, (H+2Hkv)*D] -> [n, (H+2Hkv)*D]
         if w.b_qkv is not None:
             qkv += w.b_qkv
         cos, sin = shared
@@ -101,13 +127,13 @@ class LlamaModel(Model):
         o = attend(q, ub, layer, self.scale, window=c.sliding_window, threads=self.threads)  # [n, H, D]
         if keep is not None:
             x, o, n = x[keep], o[keep], len(keep)
-        x = x + o.reshape(n, o.shape[1] * o.shape[2]) @ w.wo  # [n, H*D] @ [H*D, E] -> [n, E]
+        x = x + times(o.reshape(n, o.shape[1] * o.shape[2]), w.wo, w.wo_t, self.row_blocks)  # [n, H*D] -> [n, E]
         h = rms_norm(x, w.mlp_norm, c.rms_norm_eps)
-        gate_up = h @ w.w_gate_up  # [n, E] @ [E, 2F] -> [n, 2F]
+        gate_up = times(h, w.w_gate_up, w.w_gate_up_t, self.row_blocks)  # [n, E] @ [E, 2F] -> [n, 2F]
         f = c.intermediate_size
         act = silu(gate_up[:, :f])
         act *= gate_up[:, f:]
-        x = x + times_out_in(act, w.w_down)  # [n, F] through [E, F] -> [n, E]
+        x = x + times_out_in(act, w.w_down, self.row_blocks)  # [n, F] through [E, F] -> [n, E]
         return x
 
     def head(self, x: Any) -> Any:
