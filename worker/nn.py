@@ -88,6 +88,9 @@ class Weights:
     def __init__(self, tensors: dict[str, np.ndarray], backend: Backend):
         self.tensors, self.backend = tensors, backend
         self.arena = HostArena() if backend.is_host else None
+        # copies that only some steps read (`put(..., aside=True)`), apart from the weights every
+        # step streams, so those lie together as they would without the copies
+        self.arena_aside = HostArena() if backend.is_host else None
 
     def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         if name not in self.tensors:
@@ -97,9 +100,10 @@ class Weights:
             raise ShapeMismatch(f"tensor {name!r} has shape {t.shape}; the config implies {shape}")
         return t
 
-    def put(self, t: np.ndarray) -> Any:
-        if self.arena is not None:
-            return self.arena.copy(t, np.float32)
+    def put(self, t: np.ndarray, aside: bool = False) -> Any:
+        arena = self.arena_aside if aside else self.arena
+        if arena is not None:
+            return arena.copy(t, np.float32)
         return self.backend.asarray(np.ascontiguousarray(t, dtype=np.float32))
 
     def embedding_and_head(self, name: str, vocab: int, hidden: int, tied: bool) -> tuple[Any, LMHead]:
@@ -114,13 +118,15 @@ class Weights:
 
     def qkv(self, prefix: str, hidden: int, q_dim: int, kv_dim: int, kind: str = "weight") -> Any:
         """q, k and v projections side by side, [E, q + 2 kv] (`kind="bias"`: [q + 2 kv]; `kind=
-        "weight_out_in"`: [q + 2 kv, E]): one matmul instead of three. Names are prefix +
+        "weight_out_in"`: [q + 2 kv, E], put aside): one matmul instead of three. Names are prefix +
         "q_proj.weight" and so on."""
         parts = [(n, d) for n, d in (("q", q_dim), ("k", kv_dim), ("v", kv_dim))]
         if kind == "bias":
             return self.put(np.concatenate([self.get(prefix + f"{n}_proj.bias", (d,)) for n, d in parts]))
         out_in = np.concatenate([self.get(prefix + f"{n}_proj.weight", (d, hidden)) for n, d in parts])
-        return self.put(out_in if kind == "weight_out_in" else out_in.T)
+        if kind == "weight_out_in":
+            return self.put(out_in, aside=True)
+        return self.put(out_in.T)
 
 
 class LMHead:

@@ -81,8 +81,8 @@ class LlamaModel(Model):
             w_gate_up=w.put(gate_up.T),
             w_down=w.put(w.get(p + "mlp.down_proj.weight", (e, f))),
             w_qkv_t=w.qkv(p + "self_attn.", e, q_dim, kv_dim, kind="weight_out_in") if both else None,
-            wo_t=w.put(o) if both else None,
-            w_gate_up_t=w.put(gate_up) if both else None,
+            wo_t=w.put(o, aside=True) if both else None,
+            w_gate_up_t=w.put(gate_up, aside=True) if both else None,
         )
 
     @property
