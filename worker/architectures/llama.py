@@ -14,6 +14,7 @@ F intermediate size, V vocabulary.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -85,7 +86,7 @@ class LlamaModel(Model):
             w_gate_up_t=w.put(gate_up, aside=True) if both else None,
         )
 
-    @property
+    @cached_property
     def runs_in_parts(self) -> bool:
         """On a host whose BLAS has small kernels: the projections of a micro-batch's part run as
         small products over [out, in] copies of the weights (`nn.times`), for which the layers keep
