@@ -8,12 +8,12 @@ cores: 32 sequences of ~300 tokens on 2 cores, ~38 -> ~27 ms of attention a step
 step goes this way too (`Shard`: a micro-batch's parts, each through every layer), and what runs
 inside a part (`inside`) must keep to its own core: a map there runs on the part's thread.
 
-A hand-off costs: waking a pool thread and waiting for it takes ~60 us here (a map of two empty
-parts), so a map is worth it for parts of a millisecond or more.
-
 That only works if BLAS's own threads are not holding those cores: OpenBLAS polls for work after
 each call (for about 0.1 s by default). A worker process starts with a short poll, ~0.4 ms
 (`statemesh.worker.runtime.worker_environment()`).
+
+A hand-off costs: waking a pool thread and waiting for it takes ~60 us here (a map of two empty
+parts), so a map is worth it for parts of a millisecond or more.
 """
 
 from __future__ import annotations
