@@ -183,9 +183,9 @@ class DenseKV:
         lo, hi, width = int(seq_ids.min()), int(seq_ids.max()) + 1, int(n.max())
         if hi * width > self.budget:  # slots beyond hi that no one asked for give their room back (`_fit`)
             return None
-        if part and not all(self._holds(layer, hi, width) for layer in self._layer_index):
-            return None
         if part:
+            if not all(self._holds(layer, hi, width) for layer in self._layer_index):
+                return None
             self._end(self._part_steps.pop(id(ub), None))
         else:
             self._end_steps()

@@ -17,7 +17,6 @@ positions > p - window), and cells no owner needs any more are reused.
 from __future__ import annotations
 
 from collections.abc import Callable
-from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -447,31 +446,15 @@ class KVCache(Memory, Leaf):
         return self._dense.rows(ub, layer, seqs)
 
     def _parts(self, ub: MicroBatch, n: int) -> list[MicroBatch]:
-        """Whole sequences in at most n groups of consecutive ids with near-equal rows. Parts write
-        the cells reserved for their own rows and read their own sequences' cells; the dense rows
-        of all of them are laid out first (`DenseKV.prepare_parts`), and a group of consecutive ids
-        is one range of dense slots."""
-        seqs = np.array(sorted(ub.seqs), dtype=np.int64)
-        counts = np.array([np.count_nonzero(ub.seq_ids == s) for s in seqs], dtype=np.int64)
-        ends = np.cumsum(counts)  # rows up to and including each sequence
-        cuts = [0]
-        for k in range(1, n):
-            target = ends[-1] * k / n
-            i = int(np.searchsorted(ends, target))  # the first sequence that reaches the target
-            cut = i if i > 0 and target - ends[i - 1] < ends[i] - target else i + 1  # the nearer end
-            if cuts[-1] < cut < len(seqs):
-                cuts.append(cut)
-        cuts.append(len(seqs))
-        if len(cuts) < 3:
-            return [ub]
-        if self.window is None:
-            self._dense.prepare_parts(tuple(int(s) for s in seqs))
-        cells = ub.slots[id(self)]
-        parts = []
-        for a, b in pairwise(cuts):
-            part = ub._part(np.flatnonzero(np.isin(ub.seq_ids, seqs[a:b])))
-            part.slots[id(self)] = cells[part.index]
-            parts.append(part)
+        """Parts write the cells reserved for their own rows and read their own sequences' cells;
+        the dense rows of all of them are laid out first (`DenseKV.prepare_parts`)."""
+        parts = ub._cut(n)
+        if len(parts) > 1:
+            if self.window is None:
+                self._dense.prepare_parts(ub.seqs)
+            cells = ub.slots[id(self)]
+            for part in parts:
+                part.slots[id(self)] = cells[part.index]
         return parts
 
     # ---- batches ---------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from itertools import pairwise
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -39,18 +40,32 @@ class MicroBatch:
     has exactly this many rows, laid out sequence-major in `seqs` order (so a model can view the rows
     as [len(seqs), n_seq_tokens]); None for a simple split, where rows keep batch order."""
 
-    def __init__(self, batch: Batch, rows: np.ndarray, seqs: tuple[int, ...], n_seq_tokens: int | None):
+    def __init__(
+        self,
+        rows: np.ndarray,
+        positions: np.ndarray,
+        seq_ids: np.ndarray,
+        seqs: tuple[int, ...],
+        n_seq_tokens: int | None,
+        parent: MicroBatch | None = None,
+        index: np.ndarray | None = None,
+    ):
         self.rows = rows
-        self.positions: np.ndarray = batch.positions[rows]
-        self.seq_ids: np.ndarray = batch.seq_ids[rows]
+        self.positions = positions
+        self.seq_ids = seq_ids
         self.seqs = seqs
         self.n_seq_tokens = n_seq_tokens
         self.slots: dict[int, Any] = {}  # id(leaf part) -> what that part reserved for this ub
         self.stored: set[int] = set()  # layers written during this micro-batch
         self._memory: Memory | None = None  # set while this micro-batch is the current one
-        self.parent: MicroBatch | None = None  # for a part (`parts`): the micro-batch it was cut from
-        self.index: np.ndarray | None = None  # for a part: its rows' places among the parent's rows
+        self.parent = parent  # for a part (`parts`): the micro-batch it was cut from
+        self.index = index  # for a part: its rows' places among the parent's rows
         self._parts: list[MicroBatch] = []
+
+    @staticmethod
+    def of(batch: Batch, rows: np.ndarray, seqs: tuple[int, ...], n_seq_tokens: int | None) -> MicroBatch:
+        """The rows `rows` of `batch`."""
+        return MicroBatch(rows, batch.positions[rows], batch.seq_ids[rows], seqs, n_seq_tokens)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -76,15 +91,29 @@ class MicroBatch:
         self._parts = [p for p in parts if p is not self]
         return parts
 
-    def _part(self, index: np.ndarray) -> MicroBatch:
-        """The rows `index` of this micro-batch (whole sequences) as a part; the memory fills its slots."""
-        part = MicroBatch.__new__(MicroBatch)
-        part.rows, part.positions, part.seq_ids = self.rows[index], self.positions[index], self.seq_ids[index]
-        present = set(part.seq_ids.tolist())
-        part.seqs = tuple(s for s in self.seqs if s in present)
-        part.n_seq_tokens, part.slots, part.stored, part._memory = self.n_seq_tokens, {}, set(), None
-        part.parent, part.index, part._parts = self, index, []
-        return part
+    def _cut(self, n: int) -> list[MicroBatch]:
+        """This micro-batch's sequences in at most n groups of consecutive ids with near-equal rows,
+        each as a part whose slots the memory fills (`Memory._parts`); [self] when it holds too few.
+        Consecutive ids: a group is one range of a cache's dense slots."""
+        seqs, counts = np.unique(self.seq_ids, return_counts=True)
+        ends = np.cumsum(counts)  # rows up to and including each sequence
+        cuts = [0]
+        for k in range(1, n):
+            target = ends[-1] * k / n
+            i = int(np.searchsorted(ends, target))  # the first sequence that reaches the target
+            cut = i if i > 0 and target - ends[i - 1] < ends[i] - target else i + 1  # the nearer end
+            if cuts[-1] < cut < len(seqs):
+                cuts.append(cut)
+        if len(cuts) < 2:
+            return [self]
+        parts = []
+        for a, b in pairwise([*cuts, len(seqs)]):
+            index = np.flatnonzero(np.isin(self.seq_ids, seqs[a:b]))
+            group = set(seqs[a:b].tolist())
+            own = tuple(s for s in self.seqs if s in group)
+            parts.append(MicroBatch(self.rows[index], self.positions[index], self.seq_ids[index], own,
+                                    self.n_seq_tokens, parent=self, index=index))  # fmt: skip
+        return parts
 
     def store_kv(self, layer: int, k: Array, v: Array) -> None:
         """Store this micro-batch's keys `[len(ub), n_kv_heads, head_dim]` and values at `layer`."""
@@ -138,7 +167,7 @@ def split_simple(batch: Batch, n_ubatch: int) -> list[MicroBatch]:
     for start in range(0, batch.n_tokens, n_ubatch):
         rows = np.arange(start, min(start + n_ubatch, batch.n_tokens), dtype=np.int64)
         seqs = tuple(int(s) for s in np.unique(batch.seq_ids[rows]))
-        ubatches.append(MicroBatch(batch, rows, seqs, None))
+        ubatches.append(MicroBatch.of(batch, rows, seqs, None))
     return ubatches
 
 
@@ -163,7 +192,7 @@ def split_equal(batch: Batch, n_ubatch: int) -> list[MicroBatch]:
         rows = np.concatenate([runs[s][taken[s] : taken[s] + n_seq_tokens] for s in active])
         for s in active:
             taken[s] += n_seq_tokens
-        ubatches.append(MicroBatch(batch, rows.astype(np.int64), tuple(active), n_seq_tokens))
+        ubatches.append(MicroBatch.of(batch, rows.astype(np.int64), tuple(active), n_seq_tokens))
 
 
 class Transaction(ABC):

@@ -98,7 +98,7 @@ def attend_dense(
         padded[rows_dev] = queries
         queries = padded
     hidden = None if dense.hidden is None else dense.hidden[:, None, None, :]  # [R, L] -> [R, 1, 1, L]
-    parts = 1 if threads is None else min(threads.n, n_rows // MIN_PART)
+    parts = 1 if threads is None else min(threads.free, n_rows // MIN_PART)  # 1 within a part of a step
     if parts > 1:
         assert threads is not None
         chunks = [

@@ -37,6 +37,11 @@ class Threads:
         """Whether this thread is running a part of a `map` (whose cores are all taken)."""
         return getattr(self._mapping, "active", False)
 
+    @property
+    def free(self) -> int:
+        """The cores this thread may spread work over: 1 inside a part of a `map`, else all."""
+        return 1 if self.inside else self.n
+
     def map(self, fn: Callable[..., Any], parts: Sequence[tuple[Any, ...]]) -> list[Any]:
         """[fn(*part) for part in parts], the first on this thread and the others beside it. A map
         called from inside a part runs its parts one after another on that thread: the cores are
@@ -59,9 +64,9 @@ class Threads:
             self._mapping.active = False
 
     def spans(self, n: int, parts: int | None = None) -> list[slice]:
-        """range(n) cut into `parts` (default: one per thread) near-equal, non-empty slices, for
+        """range(n) cut into `parts` (default: one per free core) near-equal, non-empty slices, for
         `map` (n=7, 2 parts: [0:3], [3:7]; n=1, 2 parts: [0:1])."""
-        parts = self.n if parts is None else parts
+        parts = self.free if parts is None else parts
         cuts = [n * i // parts for i in range(parts + 1)]
         return [slice(lo, hi) for lo, hi in pairwise(cuts) if hi > lo]
 

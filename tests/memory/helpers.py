@@ -54,12 +54,17 @@ def store_ubatch(mem: Memory, ub: Any, salt: float) -> None:
     for layer in mem.layers:
         spec = mem.spec.layers[layer]
         if isinstance(spec, AttentionSpec):
-            k = token_rows(layer, ub.seq_ids, ub.positions, salt, spec.k_shape)
-            ub.store_kv(layer, k, -k)
+            store_kv_rows(mem, ub, layer, salt)
         else:
             conv, ssm = ub.state(layer)
             conv, ssm = fold(conv, ssm, ub.seq_ids, ub.positions, ub.seqs)
             ub.store_state(layer, conv, ssm)
+
+
+def store_kv_rows(mem: Memory, ub: Any, layer: int, salt: float = 0.0) -> None:
+    """The stand-in step's rows for one attention layer: k distinct per (layer, seq, position), v = -k."""
+    k = token_rows(layer, ub.seq_ids, ub.positions, salt, mem.spec.attention(layer).k_shape)
+    ub.store_kv(layer, k, -k)
 
 
 def fold(

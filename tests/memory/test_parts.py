@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from statemesh.memory import Batch, BatchStateError, Memory
-from tests.memory.helpers import KINDS, make, observe, run_step, store_ubatch, token_rows
+from tests.memory.helpers import KINDS, make, observe, run_step, store_kv_rows, store_ubatch
 
 LAYERS = (0, 1)
 
@@ -31,17 +31,11 @@ def run_part(part: Any, mem: Memory) -> dict[int, Any]:
     every sequence's keys. Returns per layer (dense rows, {seq: kv})."""
     got = {}
     for layer in LAYERS:
-        store_ubatch_layer(mem, part, layer)
+        store_kv_rows(mem, part, layer)
         one_row = tuple(s for s in part.seqs if np.count_nonzero(part.seq_ids == s) == 1)
         dense = part.kv_dense(layer, one_row) if one_row else None
         got[layer] = (dense, {s: part.kv(layer, s) for s in part.seqs})
     return got
-
-
-def store_ubatch_layer(mem: Memory, ub: Any, layer: int) -> None:
-    spec = mem.spec.attention(layer)
-    k = token_rows(layer, ub.seq_ids, ub.positions, 0.0, spec.k_shape)
-    ub.store_kv(layer, k, -k)
 
 
 def test_parts_are_whole_sequences_of_consecutive_ids_with_near_equal_rows() -> None:
@@ -111,7 +105,7 @@ def test_a_part_never_grows_the_dense_rows_it_reads_but_gathers_instead() -> Non
             low, high = ub.parts(2)
             for part in (low, high):
                 for layer in LAYERS:
-                    store_ubatch_layer(mem, part, layer)
+                    store_kv_rows(mem, part, layer)
                     assert part.kv_dense(layer) is None
     assert mem._dense.reallocations == reallocations
 
@@ -125,7 +119,7 @@ def test_a_part_that_skips_a_layer_undoes_the_batch() -> None:
         for ub in plan:
             first, second = ub.parts(2)
             store_ubatch(mem, first, 0.0)
-            store_ubatch_layer(mem, second, 0)
+            store_kv_rows(mem, second, 0)
     assert observe(mem) == before
 
 
