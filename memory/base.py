@@ -97,6 +97,15 @@ class Memory(ABC):
         """Whether positions can move (`seq_add`, `seq_div`) without breaking attention."""
 
     @abstractmethod
+    def room_to_grow(self) -> int | None:
+        """How many more tokens the live sequences can add, all together, before this memory is
+        full: the free cells of the full-attention cache. None where tokens take no lasting room (a
+        windowed cache keeps at most `window - 1` cells a sequence between batches; a recurrent
+        state has a fixed size). A batch also needs room while it runs (a windowed cache holds a
+        micro-batch's rows beside what its sequences keep), which only `batch` can tell. Changes
+        nothing."""
+
+    @abstractmethod
     def stats(self) -> dict[str, Any]:
         """`cells_total`, `cells_used`, `seqs`, `bytes`, plus a breakdown by component and device."""
 

@@ -72,6 +72,9 @@ class HybridMemory(Memory):
     def can_shift(self) -> bool:
         return self.attention.can_shift and self.recurrent.can_shift
 
+    def room_to_grow(self) -> int | None:
+        return self.attention.room_to_grow()  # a recurrent state never grows
+
     def stats(self) -> dict[str, Any]:
         attention, recurrent = self.attention.stats(), self.recurrent.stats()
         return {

@@ -110,6 +110,9 @@ class ISWACache(Memory):
     def can_shift(self) -> bool:
         return False  # cells that fell out of a window are gone: moved positions would need them
 
+    def room_to_grow(self) -> int | None:
+        return self.full.room_to_grow() if self.full is not None else None  # windowed cells come and go
+
     def stats(self) -> dict[str, Any]:
         parts = [p.stats() for p in self.parts]
         return {

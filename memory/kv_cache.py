@@ -166,20 +166,25 @@ class KVCache(Memory, Leaf):
             raise self._full(len(seq_ids), int(free.sum()))
         n_blocks = self.n_cells // BLOCK
         block_free = np.all(free[: n_blocks * BLOCK].reshape(n_blocks, BLOCK), axis=1, keepdims=False).reshape(n_blocks)
+
+        def take(cells: np.ndarray) -> None:  # cells given out are neither free nor in a free block
+            free[cells] = False
+            block_free[cells[cells < n_blocks * BLOCK] // BLOCK] = False
+
         cells = np.empty(len(seq_ids), dtype=np.int64)
         for s in seqs:
             rows = np.flatnonzero(seq_ids == s)
             taken = self._continue_after_last(s, free, len(rows))
+            take(taken)
             if len(taken) < len(rows):
                 blocks = np.flatnonzero(block_free)[: -(-(len(rows) - len(taken)) // BLOCK)]
-                block_free[blocks] = False
-                fresh = (blocks[:, None] * BLOCK + np.arange(BLOCK)).reshape(-1)
-                taken = np.concatenate([taken, fresh[: len(rows) - len(taken)]])
+                fresh = (blocks[:, None] * BLOCK + np.arange(BLOCK)).reshape(-1)[: len(rows) - len(taken)]
+                take(fresh)
+                taken = np.concatenate([taken, fresh])
             if len(taken) < len(rows):
-                free[taken] = False
-                taken = np.concatenate([taken, np.flatnonzero(free)[: len(rows) - len(taken)]])
-            free[taken] = False
-            block_free[taken[taken < n_blocks * BLOCK] // BLOCK] = False
+                rest = np.flatnonzero(free)[: len(rows) - len(taken)]
+                take(rest)
+                taken = np.concatenate([taken, rest])
             cells[rows] = taken
         return cells
 
@@ -354,6 +359,9 @@ class KVCache(Memory, Leaf):
     @property
     def can_shift(self) -> bool:
         return self.window is None
+
+    def room_to_grow(self) -> int | None:
+        return None if self.window is not None else self.n_cells - self._n_used
 
     def stats(self) -> dict[str, Any]:
         nbytes = sum(a.nbytes for a in self._k.values()) + sum(a.nbytes for a in self._v.values())

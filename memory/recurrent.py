@@ -151,6 +151,9 @@ class RecurrentMemory(Memory, Leaf):
     def can_shift(self) -> bool:
         return True  # a state does not depend on positions; moving them is bookkeeping
 
+    def room_to_grow(self) -> int | None:
+        return None  # one fixed-size state a sequence, whatever its length
+
     def stats(self) -> dict[str, Any]:
         nbytes = sum(a.nbytes for a in self._conv.values()) + sum(a.nbytes for a in self._ssm.values())
         return {

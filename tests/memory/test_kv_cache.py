@@ -204,3 +204,22 @@ def test_sequences_decoding_in_turns_keep_their_cells_together() -> None:
     run_step(mem, list(range(BLOCK + 2, 2 * BLOCK - 2)), [1] * (BLOCK - 4))
     assert mem.stats()["cells_used"] == mem.n_cells
     mem.check_integrity()
+
+
+def test_a_run_that_continues_a_sequence_into_a_free_block_does_not_get_that_block_again() -> None:
+    """Issue 13: a micro-batch that continued a sequence right after its last cell into a wholly
+    free 16-cell block, and needed more, was given that same block again: two rows in one cell,
+    and the cell counter drifted from the cells (KV cache: 136 occupied cells, counter says 149)."""
+    mem = kv(n_ctx=64, n_seq_max=2)
+    run_step(mem, list(range(16)), [0] * 16)  # seq 0: cells 0..15
+    run_step(mem, list(range(32)), [1] * 32)  # seq 1: cells 16..47
+    assert mem.seq_rm(1, 0, 16)  # cells 16..31 free again: a free block right after seq 0's last cell
+    run_step(mem, list(range(16, 36)), [0] * 20)  # continues into 16..31, then needs 4 more
+    mem.check_integrity()
+    for layer in (0, 1):
+        k, v, pos = mem.kv(layer, 0)
+        assert pos.tolist() == list(range(36))
+        want = token_rows(layer, np.zeros(36), np.arange(36), 0.0, (H, D))
+        np.testing.assert_array_equal(k, want)
+        np.testing.assert_array_equal(v, -want)
+    assert mem.stats()["cells_used"] == 36 + 16
