@@ -1,13 +1,32 @@
 """`Engine`: one model, one `Memory`, many sequences — continuous batching.
 
-Every `step()` builds one batch: a token for each running sequence (decode), then chunks of waiting
-prompts (chunked prefill) up to `max_batch_tokens`; the model runs it through memory; each sequence
+Every `step()` builds one batch: a token for each running sequence that decodes, then chunks of the
+prompts being prefilled, up to `max_batch_tokens`; the model runs it through memory; each sequence
 whose logits came back samples its next token. Requests join and leave at every step.
 
-When memory runs out, the most recently started sequence is preempted: its cells are dropped and it
-goes back to the queue with its output so far, to be recomputed (prompt + output) when room frees up;
-its sampler state is kept, so it resumes with identical output. A request that could never fit alone
-is refused when it is added.
+Memory pressure. A step is planned, memory is asked whether it fits (its batch plan raises
+MemoryFull, changing nothing), and the step gives way until it does, in this order: cached prefixes
+and idle sessions leave memory; the step's prefill tokens (new requests' and running prompts'
+chunks) are halved; the youngest running request is preempted. No MemoryFull reaches the caller, and a request
+that could never fit alone is refused when it is added.
+
+The policy, after vLLM's V1 scheduler (first come, first served; the newest running request is
+preempted and goes back to the head of the queue), with the bound that vLLM lacks:
+- Every request keeps its place in line (`arrival`) for life. Waiting requests are admitted in
+  that order, and admission stops at the first one that memory cannot take, so a younger request
+  never overtakes an older one (requests whose session is busy with another request are passed
+  over). A request is admitted when its whole input fits in the room left beside the step's
+  tokens (`Memory.room_to_grow`).
+- The victim of a preemption is the youngest running request. Its state is swapped out as a
+  snapshot (or dropped, to be recomputed from prompt + output); its sampler, detokenizer and stop
+  state stay, so it resumes with identical output. It goes back to its place in line: ahead of
+  every request that arrived after it.
+- Thrashing is bounded: a request preempted `max_preemptions` times is re-admitted only when the
+  room left holds all it can still need (its input and its remaining `max_tokens`) beside all that
+  the running requests, every one older than it, can still need. From then on no step can need its
+  room: whatever else needs room is younger and goes first. So no request is preempted more than
+  `max_preemptions` times. (llama.cpp's server has no preemption: a slot that runs out of context
+  shifts it or fails.)
 
 Events stream out of `step()`: token id, the text delta (never a partial UTF-8 character, never any
 part of a stop string), logprobs, and on the last one the finish reason.
@@ -15,6 +34,8 @@ part of a stop string), logprobs, and on the last one the finish reason.
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import itertools
 import time
 from collections import deque
@@ -25,10 +46,12 @@ from typing import Any
 import numpy as np
 
 from statemesh.memory import Batch, MemoryFull
-from statemesh.memory.errors import InvalidInput
+from statemesh.memory import snapshot as snapshot_format
+from statemesh.memory.errors import InvalidInput, SnapshotCorrupt, SnapshotError, SnapshotIncompatible
 from statemesh.worker.model import Model
 from statemesh.worker.prefix_cache import PrefixCache
 from statemesh.worker.sampling import Sample, SamplerState, SamplingParams, sample
+from statemesh.worker.sequence_state import MAX_HEADER_BYTES, SequenceState
 from statemesh.worker.sessions import Session, SessionStore
 from statemesh.worker.stops import StopMatcher
 from statemesh.worker.tokenizer import StreamingDetokenizer
@@ -36,6 +59,35 @@ from statemesh.worker.tokenizer import StreamingDetokenizer
 
 class RequestRefused(InvalidInput):
     """A request that can never run: empty, bad token ids, or too long for the memory."""
+
+
+class PromptTooLong(RequestRefused):
+    """Prompt + max_tokens exceed the context: the request can never fit."""
+
+
+class UnknownSession(InvalidInput):
+    """A session name that no session has."""
+
+
+class UnknownRequest(InvalidInput):
+    """A request id that no running or waiting request has."""
+
+
+class RequestExists(InvalidInput):
+    """A request id that a running or waiting request has already."""
+
+
+class SessionExists(InvalidInput):
+    """A new session under a name that is taken."""
+
+
+class SessionBusy(InvalidInput):
+    """An operation on a session that a running request is using: wait for it to end, or cancel it."""
+
+
+class EngineStalled(RuntimeError):
+    """Work is queued that no step can ever run: an internal invariant is broken (a bug), raised
+    instead of looping forever."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +99,7 @@ class EngineConfig:
     session_store_bytes: int = 1 << 30  # host memory for the snapshots of evicted idle sessions
     preempt: str = "auto"  # "swap" the state out as a snapshot, "recompute" it, or "auto"
     swap_min_tokens: int = 32  # auto: swap sequences holding at least this many tokens, recompute shorter ones
+    max_preemptions: int = 2  # then re-admitted only with room to finish: never preempted again
     prefix_cache_seqs: int = 8  # sequence ids kept for prefix-cache checkpoints (0: no prefix cache)
     prefix_block: int = 16  # tokens per hashed block
     prefix_stride_blocks: int = 4  # with recurrent layers: a checkpoint every this many blocks of a prompt
@@ -54,6 +107,12 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.preempt not in ("auto", "swap", "recompute"):
             raise InvalidInput(f"preempt must be 'auto', 'swap' or 'recompute', got {self.preempt!r}")
+        for name in ("n_ctx", "n_seq_max", "max_batch_tokens", "n_ubatch", "prefix_block"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise InvalidInput(f"{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.max_preemptions, int) or self.max_preemptions < 0:
+            raise InvalidInput(f"max_preemptions must be an integer >= 0, got {self.max_preemptions!r}")
 
 
 @dataclass(frozen=True)
@@ -72,23 +131,27 @@ class TokenEvent:
     logprob: float | None = None
     top_logprobs: tuple[tuple[int, float], ...] = ()
     finish_reason: str | None = None  # "stop", "length", "cancelled" on a request's last event
+    prompt_tokens: int | None = None  # on the last event: the prompt's length
+    cached_tokens: int | None = None  # on the last event: prompt tokens memory already held (prefix, session)
 
 
 @dataclass
 class _Sequence:
     """A request's run state. Memory must hold prompt + output before the next token can be
-    sampled; `fed` counts how many of those it holds (0 again after a preemption)."""
+    sampled; `fed` counts how many of those it holds (0 again after a preemption that drops them)."""
 
     request: Request
     sampler: SamplerState
     detok: StreamingDetokenizer
     stops: StopMatcher
-    order: int  # when it (re)started, to preempt the newest first
+    arrival: int  # its place in line, for life (see the module's policy)
     output: list[int] = field(default_factory=list)
     seq: int | None = None  # its sequence id in memory while it holds one
     fed: int = 0
     swapped: bytes | None = None  # its state while preempted by swapping, and how much it held
     swapped_fed: int = 0
+    preemptions: int = 0
+    cached: int | None = None  # prompt tokens found in memory when first admitted (prefix cache, session)
     arrived: float = 0.0
     last_token_at: float | None = None
 
@@ -98,6 +161,17 @@ class _Sequence:
     @property
     def n_tokens(self) -> int:
         return len(self.request.prompt) + len(self.output)
+
+    @property
+    def decoding(self) -> bool:
+        """Whether its next input is just its last sampled token."""
+        return bool(self.output) and self.fed == self.n_tokens - 1
+
+    @property
+    def need(self) -> int:
+        """Cells it may still add: the input it has yet to feed and every token it may still
+        sample but the last (which is never fed)."""
+        return max(0, len(self.request.prompt) + self.request.params.max_tokens - 1 - self.fed)
 
     def next_input(self) -> list[int]:
         """The tokens still to feed: the (rest of the) prompt and output, usually just the last
@@ -122,16 +196,16 @@ class Engine:
         )  # fmt: skip
         self.checkpoint_stride = c.prefix_block * c.prefix_stride_blocks if spec.recurrent_layers else None
         self.has_attention = bool(spec.attention_layers)  # cells grow with tokens; a state does not
-        self.waiting: deque[_Sequence] = deque()
-        self.running: list[_Sequence] = []
+        self.waiting: list[_Sequence] = []  # by arrival
+        self.running: list[_Sequence] = []  # by arrival
         self.free_seqs = list(range(self.config.n_seq_max - 1, -1, -1))
-        self._order = itertools.count()
+        self._arrivals = itertools.count()
         self.sessions = SessionStore(self.config.session_store_bytes)
         self.latency: dict[str, deque[float]] = {"ttft": deque(maxlen=10_000), "itl": deque(maxlen=10_000)}
         self.counters = {
             "preemptions": 0, "prefill_tokens": 0, "decode_tokens": 0, "tokens_out": 0, "steps": 0,
             "session_hits": 0, "session_tokens_reused": 0, "session_evictions": 0, "session_restores": 0,
-            "swap_outs": 0, "swap_ins": 0,
+            "swap_outs": 0, "swap_ins": 0, "step_retries": 0, "most_preemptions": 0,
         }  # fmt: skip
 
     # ---- requests ------------------------------------------------------------------------------
@@ -149,7 +223,7 @@ class Engine:
             )
         need = len(prompt) + request.params.max_tokens
         if self.has_attention and need > self.config.n_ctx:
-            raise RequestRefused(
+            raise PromptTooLong(
                 f"request {request.id}: prompt ({len(prompt)} tokens) + max_tokens ({request.params.max_tokens}) "
                 f"= {need} exceeds the context of {self.config.n_ctx} tokens; shorten one of them"
             )
@@ -160,18 +234,184 @@ class Engine:
                 SamplerState.start(request.params, prompt),
                 tokenizer.stream(),
                 StopMatcher(request.params.stop),
-                next(self._order),
+                next(self._arrivals),
                 arrived=time.monotonic(),
             )
         )
 
     def cancel(self, request_id: str) -> list[TokenEvent]:
-        """Stop a request now; its cells are freed at once."""
+        """Stop a request now; its cells are freed at once, or kept as its session's state (the
+        turn so far). [] when no such request runs or waits."""
         for s in [*self.running, *self.waiting]:
             if s.request.id == request_id:
-                self._finish(s, keep_session=False)
-                return [TokenEvent(request_id, -1, "", finish_reason="cancelled")]
+                self._finish(s)
+                return [TokenEvent(request_id, -1, "", None, (), "cancelled", len(s.request.prompt), s.cached or 0)]
         return []
+
+    def open_session(self, name: str) -> None:
+        """A new, empty session; SessionExists, nothing changed, when the name is taken."""
+        if self.sessions.get(name) is not None:
+            raise SessionExists(f"session {name!r} exists already; choose another id")
+        self.sessions.sessions[name] = Session(name, [])
+
+    def session_in_use(self, name: str) -> bool:
+        """Whether a request of session `name` runs or waits."""
+        return any(s.request.session == name for s in (*self.running, *self.waiting))
+
+    def session_history(self, name: str) -> list[int] | None:
+        """Every token of session `name` so far (its prompts and outputs); None when unknown."""
+        session = self.sessions.get(name)
+        return None if session is None else list(session.history)
+
+    # ---- moving a running request ----------------------------------------------------------------------
+
+    def detach(self, request_id: str) -> bytes:
+        """Take a running (or waiting) request out of this engine, between two steps, as its portable
+        state (`SequenceState`): its memory snapshot, tokens, sampling parameters, sampler (RNG,
+        penalty counts), detokenizer and stop-string state. `attach` on any engine of the same model
+        continues it with exactly the tokens it would have produced here. Its session, if it has
+        one, leaves with it. UnknownRequest, nothing changed, when no such request runs or waits."""
+        s = next((s for s in (*self.running, *self.waiting) if s.request.id == request_id), None)
+        if s is None:
+            raise UnknownRequest(f"no running or waiting request {request_id!r} here")
+        if s.seq is not None:
+            data, fed = self.memory.state_write(s.seq), s.fed
+        elif s.swapped is not None:
+            data, fed = s.swapped, s.swapped_fed
+        else:
+            data, fed = b"", 0
+        state = SequenceState(tuple(s.tokens()), fed, data, _request_json(s)).encode()
+        if s.seq is not None:
+            self._release_seq(s.seq)
+            s.seq = None
+        if s.request.session:
+            self.sessions.drop(s.request.session)
+        (self.running if s in self.running else self.waiting).remove(s)
+        return state
+
+    def attach(self, data: Any) -> str:
+        """Continue a request that `detach` took out of an engine of this model; returns its id. It
+        joins the queue (as the youngest request) and its state is read back when it is admitted,
+        as a swapped-out request's is. RequestExists or a SnapshotError subclass, nothing changed,
+        when its id runs here already or the state is damaged or of another model."""
+        state = SequenceState.decode(data, max_bytes=self.memory.max_snapshot_bytes + MAX_HEADER_BYTES)
+        if state.request is None:
+            raise SnapshotIncompatible("this state is an idle session's, not a running request's (import it instead)")
+        s = self._sequence_from(state)
+        if any(r.request.id == s.request.id for r in (*self.running, *self.waiting)):
+            raise RequestExists(f"request {s.request.id!r} runs here already")
+        if s.request.session and self.sessions.get(s.request.session) is not None:
+            raise SessionExists(f"session {s.request.session!r} exists here already; the request cannot bring it")
+        if state.snapshot:
+            self._check_snapshot(state.snapshot)
+            s.swapped, s.swapped_fed = state.snapshot, state.fed
+        self.waiting.append(s)
+        return s.request.id
+
+    def _sequence_from(self, state: SequenceState) -> _Sequence:
+        r = state.request
+        assert r is not None
+        try:
+            prompt_len = int(r["prompt_len"])
+            params = SamplingParams(**{**r["params"], "stop": tuple(r["params"]["stop"]),
+                                       "stop_token_ids": tuple(r["params"]["stop_token_ids"])})  # fmt: skip
+            request = Request(str(r["id"]), state.history[:prompt_len], params, r["session"])
+            detok = self.model.tokenizer.stream()
+            detok.ids = [int(t) for t in r["detok"]["ids"]]
+            detok.prefix, detok.read = int(r["detok"]["prefix"]), int(r["detok"]["read"])
+            stops = StopMatcher(params.stop, str(r["held"]))
+            s = _Sequence(request, SamplerState.from_json(r["sampler"]), detok, stops, next(self._arrivals),
+                          output=list(state.history[prompt_len:]), cached=r["cached"],
+                          preemptions=int(r["preemptions"]), arrived=time.monotonic())  # fmt: skip
+        except (KeyError, TypeError, ValueError) as e:
+            raise SnapshotCorrupt(f"the request's state is malformed: {type(e).__name__}: {e}") from None
+        if not 0 < prompt_len <= len(state.history) or state.fed > len(state.history):
+            raise SnapshotCorrupt(f"the request's prompt of {prompt_len} tokens does not fit its {len(state.history)}")
+        vocab = self.model.config.vocab_size
+        if any(t >= vocab for t in state.history):
+            raise SnapshotIncompatible(f"the request's tokens run past this model's vocabulary of {vocab}")
+        return s
+
+    def export_session(self, name: str) -> bytes:
+        """Session `name`'s portable state (`SequenceState`): its memory snapshot and its tokens.
+        UnknownSession, or SessionBusy while a request of it runs or waits; nothing changes."""
+        session = self._idle_session(name)
+        if session.snapshot is not None:
+            data = session.snapshot
+        elif session.seq is not None and session.tokens:
+            data = self.memory.state_write(session.seq)
+        else:
+            data = b""
+        return SequenceState(tuple(session.history), len(session.tokens), data).encode()
+
+    def import_session(self, name: str, data: Any) -> None:
+        """A session `name` from exported state, resident when memory has room (else kept as a host
+        snapshot, restored when used). SessionExists, or a SnapshotError subclass (MemoryFull never)
+        when the state is damaged, forged or of another model; nothing changes then."""
+        if self.sessions.get(name) is not None:
+            raise SessionExists(f"session {name!r} exists already; import it under another id")
+        state = SequenceState.decode(data, max_bytes=self.memory.max_snapshot_bytes + MAX_HEADER_BYTES)
+        vocab = self.model.config.vocab_size
+        if any(t >= vocab for t in state.history):
+            raise SnapshotIncompatible(f"the session's tokens run past this model's vocabulary of {vocab}")
+        session = Session(name, list(state.history[: state.fed]), list(state.history), last_used=next(self._arrivals))
+        if state.snapshot:
+            seq = self._place_snapshot(state.snapshot, state.fed)
+            if seq is None:
+                session.snapshot = state.snapshot
+            session.seq = seq
+        self.sessions.sessions[name] = session
+
+    def _place_snapshot(self, data: bytes, fed: int) -> int | None:
+        """Read a one-sequence snapshot that holds `fed` tokens into a free sequence id, evicting
+        idle sessions for room; None when there is none, after checking it as far as memory can
+        without reading it (its format, its model). SnapshotError when it is bad."""
+        while not self.free_seqs and self._evict_one():
+            pass
+        if self.free_seqs:
+            seq = self.free_seqs.pop()
+            try:
+                if not self._read_state(data, seq):
+                    self.free_seqs.append(seq)
+                    self._check_snapshot(data)
+                    return None
+            except BaseException:
+                self.free_seqs.append(seq)
+                raise
+            if self.memory.seq_pos_max(seq) != fed - 1:
+                self._release_seq(seq)
+                raise SnapshotCorrupt(f"the session's memory holds positions up to {self.memory.seq_pos_max(seq)}; "
+                                      f"its header says {fed} tokens")  # fmt: skip
+            return seq
+        self._check_snapshot(data)
+        return None
+
+    def _check_snapshot(self, data: bytes) -> None:
+        doc = snapshot_format.decode(data, max_bytes=self.memory.max_snapshot_bytes)
+        snapshot_format.check_compatible(doc, self.memory.spec)
+        if doc.seq is None:
+            raise SnapshotIncompatible("a session's snapshot holds one sequence; this one holds every sequence")
+
+    def _idle_session(self, name: str) -> Session:
+        session = self.sessions.get(name)
+        if session is None:
+            raise UnknownSession(f"no session {name!r}")
+        if session.busy or self.session_in_use(name):
+            raise SessionBusy(f"session {name!r} is busy with a request; cancel it or wait for it to end")
+        return session
+
+    def drop_session(self, name: str) -> bool:
+        """Forget session `name` and free what it holds (memory, or its host snapshot); False when
+        there is no such session. SessionBusy, nothing changed, while a request runs on it."""
+        session = self.sessions.get(name)
+        if session is None:
+            return False
+        if session.busy or self.session_in_use(name):
+            raise SessionBusy(f"session {name!r} is busy with a request; cancel it or wait for it to end")
+        if session.seq is not None:
+            self._release_seq(session.seq)
+        self.sessions.drop(name)
+        return True
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -180,26 +420,33 @@ class Engine:
 
     def step(self) -> list[TokenEvent]:
         """Run one batch; returns the tokens it produced."""
-        admit = True
+        admit, prefill_limit = True, None
         while True:
-            plan = self._plan(admit)
-            if not plan:
+            plan = self._plan(admit, prefill_limit)
+            if plan is None:
+                self._check_progress()
                 return []
             try:
                 logits = self.model.decode(self.memory, plan.batch, n_ubatch=self.config.n_ubatch)
                 break
             except MemoryFull:
-                for s, _ in plan.fed:  # sequences admitted by this plan go back to the queue
-                    if s.fed == 0 and s.seq is not None and s in self.running and not s.output:
-                        self._unadmit(s)
-                if self.prefix.evict() or self._evict_one():  # cached prefixes and idle sessions
-                    continue  # give way before any running sequence does
-                if not self._preempt():
-                    raise
-                admit = False  # no new work in the step that had to preempt
+                self.counters["step_retries"] += 1
+                self._unadmit(plan)
+                floor = 0 if plan.decode_tokens else 1  # a step must feed something
+                if self.prefix.evict() or self._evict_one():  # cached prefixes and idle sessions go first
+                    continue
+                if plan.prefill_tokens > floor:  # then new requests and prefill chunks, halved
+                    prefill_limit = max(floor, plan.prefill_tokens // 2)
+                elif not self._preempt():
+                    raise EngineStalled(
+                        f"one running request's step of {len(plan.positions)} tokens does not fit an otherwise "
+                        f"empty memory ({self.memory.stats()})"
+                    ) from None
+                else:
+                    admit = False
         self.counters["steps"] += 1
         for s, n in plan.fed:
-            decoding = n == 1 and len(s.output) > 0 and s.fed == s.n_tokens - 1
+            decoding = s.decoding and n == 1
             s.fed += n
             self.counters["decode_tokens" if decoding else "prefill_tokens"] += n
         if self.config.prefix_cache_seqs:
@@ -209,6 +456,16 @@ class Engine:
         for s, row in plan.sampling:
             events += self._advance(s, logits[row])
         return events
+
+    def _check_progress(self) -> None:
+        """Nothing could be planned: fine while requests run or nothing waits; a waiting request with
+        nothing running would wait forever (its admission made all the room there is)."""
+        if self.waiting and not self.running:
+            head = self.waiting[0]
+            raise EngineStalled(
+                f"request {head.request.id} waits with nothing running ({len(head.next_input())} tokens to feed, "
+                f"room {self.memory.room_to_grow()}, free ids {len(self.free_seqs)})"
+            )
 
     def _checkpoint(self, s: _Sequence) -> None:
         """Offer the prefix cache what s's prefill has just reached: with recurrent layers every
@@ -225,23 +482,39 @@ class Engine:
             if depth:
                 self.prefix.add(s.seq, prompt, depth)
 
-    def _plan(self, admit: bool) -> _Plan | None:
+    def _plan(self, admit: bool, prefill_limit: int | None) -> _Plan | None:
+        """This step's batch: a token for each decoding sequence, then prefill chunks of the running
+        sequences and of newly admitted ones, `prefill_limit` tokens of them at most."""
         budget = self.config.max_batch_tokens
         plan = _Plan(self.checkpoint_stride if self.config.prefix_cache_seqs else None)
-        for s in list(self.running):  # running sequences first: one decode token each, or prefill
+        for s in self.running:
+            if s.decoding and budget > 0:
+                budget -= plan.add(s, 1)
+        plan.decode_tokens = len(plan.positions)
+        if prefill_limit is not None:
+            budget = min(budget, prefill_limit)
+        for s in self.running:
+            if not s.decoding and budget > 0:
+                budget -= plan.add(s, budget)
+        for s in list(self.waiting) if admit else []:
+            if budget <= 0:
+                break
+            session = self.sessions.get(s.request.session) if s.request.session else None
+            if session is not None and session.busy:
+                continue  # one request of a session at a time: this one waits for the other
+            if not self._admit(s, session, plan):
+                break  # first come, first served: no younger request overtakes it
+            self.waiting.remove(s)
+            bisect.insort(self.running, s, key=lambda r: r.arrival)
+            plan.admitted.append(s)
             budget -= plan.add(s, budget)
-        while admit and self.waiting and budget > 0 and self._admit(self.waiting[0], plan):
-            s = self.waiting.popleft()
-            self.running.append(s)
-            budget -= plan.add(s, budget)
+        plan.prefill_tokens = len(plan.positions) - plan.decode_tokens
         return plan if plan.positions else None
 
-    def _admit(self, s: _Sequence, plan: _Plan) -> bool:
+    def _admit(self, s: _Sequence, session: Session | None, plan: _Plan) -> bool:
         """Give the waiting sequence `s` a sequence id (its session's, restored if need be), making
-        room by evicting idle sessions; False, nothing changed for s, when it must wait."""
-        session = self.sessions.get(s.request.session) if s.request.session else None
-        if session is not None and session.busy:
-            return False  # one request of a session at a time
+        room by evicting idle sessions and cached prefixes; False, nothing changed for s, when it
+        must wait."""
         if session is not None and session.seq is not None:
             s.seq = session.seq
         else:
@@ -271,23 +544,44 @@ class Engine:
         if s.swapped is not None:  # admitted for good: its swapped state is back in memory
             self.counters["swap_ins"] += 1
             s.swapped = None
+        if s.cached is None:
+            s.cached = s.fed
         return True
+
+    def _room_for(self, s: _Sequence, plan: _Plan) -> bool:
+        """Whether memory has room to admit `s`: its whole input beside this step's other tokens,
+        so admitting never forces a preemption; after `max_preemptions` preemptions, all it and
+        the running requests can still need (see the module's policy). Memory that does not grow
+        with tokens always has room; its batch plan still has the last word."""
+        room = self.memory.room_to_grow()
+        if room is None:
+            return True
+        if s.preemptions >= self.config.max_preemptions:
+            return room >= s.need + sum(r.need for r in self.running)
+        return room >= len(plan.positions) + len(s.next_input())
 
     def _swap_in(self, s: _Sequence) -> bool:
         """Restore a sequence preempted by swapping into its new sequence id."""
         assert s.seq is not None and s.swapped is not None
-        if not self._read_state(s.swapped, s.seq):
-            return False
+        try:
+            if not self._read_state(s.swapped, s.seq):
+                return False
+        except SnapshotError:  # an attached state memory cannot read after all: recompute it instead
+            s.swapped, s.fed = None, 0  # (from its tokens: the same output)
+            return True
         s.fed = s.swapped_fed
         return True
 
     def _read_state(self, snapshot: bytes, seq: int) -> bool:
-        """Restore `snapshot` into `seq`; False, memory unchanged, when there is no room for it."""
-        try:
-            self.memory.state_read(snapshot, seq=seq)
-        except MemoryFull:
-            return False
-        return True
+        """Restore `snapshot` into `seq`, evicting idle sessions and cached prefixes to make room;
+        False, memory unchanged, when there is none."""
+        while True:
+            try:
+                self.memory.state_read(snapshot, seq=seq)
+                return True
+            except MemoryFull:
+                if not (self.prefix.evict() or self._evict_one(keep=seq)):
+                    return False
 
     def _reuse(self, s: _Sequence, held: list[int]) -> None:
         """Keep what memory holds for the session that the new prompt repeats; cut the rest. A
@@ -319,9 +613,9 @@ class Engine:
         return True
 
     def _evict_one(self, keep: int | None = None) -> bool:
-        """Move the least recently used idle session's state out to the host store."""
-        session = self.sessions.idle_resident()
-        if session is None or session.seq is None or session.seq == keep:
+        """Move the least recently used idle session's state (but `keep`'s) out to the host store."""
+        session = self.sessions.idle_resident(exclude=keep)
+        if session is None or session.seq is None:
             return False
         seq = session.seq
         self.sessions.evicted(session, self.memory.state_write(seq))
@@ -344,21 +638,15 @@ class Engine:
             self._release_seq(s.seq)
         s.seq, s.fed = None, 0
 
-    def _room_for(self, s: _Sequence, plan: _Plan) -> bool:
-        """Admit a waiting sequence only when its whole input fits beside this step's other tokens
-        (attention cells; a recurrent state always has its slot), so admitting never forces the
-        preemption of a running sequence."""
-        if not self.has_attention:
-            return True
-        stats = self.memory.stats()
-        free = int(stats["cells_total"]) - int(stats["cells_used"])
-        return free >= len(plan.positions) + len(s.next_input())
-
-    def _unadmit(self, s: _Sequence) -> None:
-        self.running.remove(s)
-        session = self.sessions.get(s.request.session) if s.request.session else None
-        self._release_admission(s, session)
-        self.waiting.appendleft(s)
+    def _unadmit(self, plan: _Plan) -> None:
+        """The requests this plan admitted wait again, unless admitting them read state into memory
+        (a swap-in, a session's or a cached prefix), which they keep: they run, or are preempted."""
+        for s in plan.admitted:
+            if s.fed == 0 and s in self.running:
+                self.running.remove(s)
+                session = self.sessions.get(s.request.session) if s.request.session else None
+                self._release_admission(s, session)
+                bisect.insort(self.waiting, s, key=lambda w: w.arrival)
 
     def _advance(self, s: _Sequence, logits: np.ndarray) -> list[TokenEvent]:
         params = s.request.params
@@ -382,9 +670,11 @@ class Engine:
                 reason = "stop"
             elif len(s.output) >= params.max_tokens:
                 reason, text = "length", text + self._drain(s)
-        if reason is not None:
-            self._finish(s)
-        return [TokenEvent(s.request.id, chosen.token, text, chosen.logprob, chosen.top_logprobs, reason)]
+        if reason is None:
+            return [TokenEvent(s.request.id, chosen.token, text, chosen.logprob, chosen.top_logprobs)]
+        self._finish(s)
+        return [TokenEvent(s.request.id, chosen.token, text, chosen.logprob, chosen.top_logprobs, reason,
+                           len(s.request.prompt), s.cached or 0)]  # fmt: skip
 
     def _drain(self, s: _Sequence) -> str:
         """At the end: what the detokenizer and the stop matcher still held (unless a stop begins in it)."""
@@ -395,7 +685,8 @@ class Engine:
         """The request is done: free its sequence, or keep it as its session's state."""
         if s.seq is not None:
             if s.request.session and keep_session:
-                self.sessions.keep(s.request.session, s.tokens()[: s.fed], s.seq, next(self._order))
+                history = s.tokens()
+                self.sessions.keep(s.request.session, history[: s.fed], s.seq, next(self._arrivals), history)
             else:
                 self._release_seq(s.seq)
                 if s.request.session:
@@ -407,12 +698,12 @@ class Engine:
             self.waiting.remove(s)
 
     def _preempt(self) -> bool:
-        """Free the newest running sequence's cells: its state is swapped out as a snapshot (or, for
-        a short one under "auto", dropped to be recomputed); it waits at the queue's head.
+        """Free the youngest running sequence's cells: its state is swapped out as a snapshot (or,
+        for a short one under "auto", dropped to be recomputed); it goes back to its place in line.
         False when there is nothing left to preempt."""
         if len(self.running) <= 1:
             return False
-        victim = max(self.running, key=lambda s: s.order)
+        victim = self.running[-1]  # the running are kept in arrival order
         assert victim.seq is not None
         mode = self.config.preempt
         if mode == "swap" or (mode == "auto" and victim.fed >= self.config.swap_min_tokens):
@@ -422,8 +713,10 @@ class Engine:
         self.running.remove(victim)
         if victim.request.session:  # its state leaves with it (swapped, or recomputed on resume)
             self.sessions.drop(victim.request.session)
-        victim.seq, victim.fed, victim.order = None, 0, next(self._order)
-        self.waiting.appendleft(victim)
+        victim.seq, victim.fed = None, 0
+        victim.preemptions += 1
+        self.counters["most_preemptions"] = max(self.counters["most_preemptions"], victim.preemptions)
+        bisect.insort(self.waiting, victim, key=lambda w: w.arrival)
         self.counters["preemptions"] += 1
         return True
 
@@ -468,6 +761,18 @@ class Engine:
                 "memory": self.memory.stats()}  # fmt: skip
 
 
+def _request_json(s: _Sequence) -> dict[str, Any]:
+    """A request's own state as JSON data (what `SequenceState.request` holds): besides its tokens,
+    everything that decides its next tokens and text."""
+    params = dataclasses.asdict(s.request.params)
+    params["stop"], params["stop_token_ids"] = list(params["stop"]), list(params["stop_token_ids"])
+    return {
+        "id": s.request.id, "prompt_len": len(s.request.prompt), "session": s.request.session, "params": params,
+        "sampler": s.sampler.to_json(), "detok": {"ids": s.detok.ids, "prefix": s.detok.prefix, "read": s.detok.read},
+        "held": s.stops.held, "cached": s.cached, "preemptions": s.preemptions,
+    }  # fmt: skip
+
+
 class _Plan:
     """One step's batch under construction. With `stride`, prompt chunks end at multiples of it,
     where the prefix cache takes checkpoints of states that cannot be cut later."""
@@ -480,6 +785,9 @@ class _Plan:
         self.logits: list[bool] = []
         self.fed: list[tuple[_Sequence, int]] = []
         self.sampling: list[tuple[_Sequence, int]] = []  # sequence, its row among the logits
+        self.admitted: list[_Sequence] = []  # requests this step admitted
+        self.decode_tokens = 0
+        self.prefill_tokens = 0
 
     def add(self, s: _Sequence, budget: int) -> int:
         """Up to `budget` of s's next input tokens; returns how many were taken. The sequence

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 from pathlib import Path
 
@@ -50,4 +51,5 @@ def load_model(path: str | Path, backend: str = "auto", progress: bool | None = 
         config, tensors, tokenizer = read_gguf(path, progress)
     if config.architecture not in ARCHITECTURES:
         raise UnknownArchitecture(f"architecture {config.architecture!r}; supported: {sorted(ARCHITECTURES)}")
+    tokenizer = dataclasses.replace(tokenizer, n_ids=config.vocab_size)  # the model's ids are the valid ones
     return ARCHITECTURES[config.architecture](config, tensors, tokenizer, get_backend(backend))

@@ -7,13 +7,14 @@ next turn is computed from scratch, with the same result.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
 class Session:
     name: str
     tokens: list[int]  # what memory holds for it: its prompts and outputs so far, as fed
+    history: list[int] = field(default_factory=list)  # the conversation: every prompt and output token
     seq: int | None = None  # its sequence id while resident
     snapshot: bytes | None = None  # its state while evicted
     last_used: int = 0
@@ -29,13 +30,15 @@ class SessionStore:
     def get(self, name: str) -> Session | None:
         return self.sessions.get(name)
 
-    def keep(self, name: str, tokens: list[int], seq: int, tick: int) -> None:
-        """A request of session `name` ended; memory's sequence `seq` holds `tokens`."""
-        self.sessions[name] = Session(name, tokens, seq=seq, last_used=tick)
+    def keep(self, name: str, tokens: list[int], seq: int, tick: int, history: list[int]) -> None:
+        """A request of session `name` ended; memory's sequence `seq` holds `tokens` of its
+        `history` (all but the last sampled token, which was never fed)."""
+        self.sessions[name] = Session(name, tokens, history, seq=seq, last_used=tick)
 
-    def idle_resident(self) -> Session | None:
-        """The least recently used session that holds memory and is not running."""
-        idle = [s for s in self.sessions.values() if s.seq is not None and not s.busy]
+    def idle_resident(self, exclude: int | None = None) -> Session | None:
+        """The least recently used session that holds memory (a sequence id other than `exclude`)
+        and is not running."""
+        idle = [s for s in self.sessions.values() if s.seq is not None and s.seq != exclude and not s.busy]
         return min(idle, key=lambda s: s.last_used) if idle else None
 
     def evicted(self, session: Session, snapshot: bytes) -> None:

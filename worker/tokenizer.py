@@ -51,7 +51,12 @@ PRE_TOKENIZERS = {
 
 @dataclass
 class Tokenizer:
-    """Wraps a `tokenizers.Tokenizer`; `eos_ids` end a generation; `chat_template` is Jinja."""
+    """Wraps a `tokenizers.Tokenizer`; `eos_ids` end a generation; `chat_template` is Jinja.
+
+    `n_ids` is the model's id space, its embedding's rows, which exports often pad past the
+    tokenizer's own tokens (Qwen2, Llama 3, Gemma). One rule holds everywhere: an id in
+    `0 .. n_ids - 1` is valid (the model may sample it), and an id the tokenizer does not know
+    decodes to nothing, as in vLLM and transformers; ids outside `n_ids` are refused."""
 
     hf: HFTokenizer
     bos_id: int | None = None
@@ -59,10 +64,17 @@ class Tokenizer:
     add_bos: bool = False
     chat_template: str | None = None
     special_ids: frozenset[int] = field(default_factory=frozenset)
+    n_ids: int | None = None  # the model's id space; None: the tokenizer's own tokens
 
     @property
     def vocab_size(self) -> int:
+        """The tokens this tokenizer knows."""
         return int(self.hf.get_vocab_size(with_added_tokens=True))
+
+    @property
+    def id_space(self) -> int:
+        """Valid ids run 0 .. id_space - 1: the model's, when it was given (`n_ids`)."""
+        return self.vocab_size if self.n_ids is None else self.n_ids
 
     def encode(self, text: str, add_bos: bool | None = None, parse_special: bool = True) -> list[int]:
         """Token ids of `text`; special tokens written in the text (e.g. `<|im_start|>`) are parsed as
@@ -84,13 +96,15 @@ class Tokenizer:
             self.hf.encode_special_tokens = saved
 
     def decode(self, ids: list[int], skip_special: bool = False) -> str:
+        """The text of `ids`; ids past the tokenizer's own tokens (a padded vocabulary) give none."""
         self.check_ids(ids)
-        return str(self.hf.decode(list(ids), skip_special_tokens=skip_special))
+        known = self.vocab_size
+        return str(self.hf.decode([int(i) for i in ids if int(i) < known], skip_special_tokens=skip_special))
 
     def check_ids(self, ids: Any) -> None:
-        bad = [int(i) for i in ids if not 0 <= int(i) < self.vocab_size]
+        bad = [int(i) for i in ids if not 0 <= int(i) < self.id_space]
         if bad:
-            raise InvalidTokens(f"token ids {bad[:5]} are outside the vocabulary 0 .. {self.vocab_size - 1}")
+            raise InvalidTokens(f"token ids {bad[:5]} are outside the vocabulary 0 .. {self.id_space - 1}")
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """The prompt text for a conversation, by the model's own template."""

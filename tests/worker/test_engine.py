@@ -10,6 +10,7 @@ import pytest
 
 from statemesh.worker import Model, default_model_path, load_model
 from statemesh.worker.engine import Engine, EngineConfig, Request, RequestRefused
+from statemesh.worker.errors import InvalidTokens
 from statemesh.worker.sampling import InvalidSampling, SamplingParams
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -278,3 +279,40 @@ def test_idle_sessions_give_way_when_a_running_sequence_needs_their_cells() -> N
     engine.generate([Request("a", tuple(range(20, 50)), params, session="idle")])  # holds ~33 cells
     out = engine.generate([Request("b", tuple(range(60, 100)), SamplingParams(max_tokens=20, temperature=0))])["b"]
     assert len(out) == 20 and engine.counters["session_evictions"] == 1 and engine.counters["preemptions"] == 0
+
+
+def padded_vocabulary_model(tmp_path: Path, known: int) -> Model:
+    """The llama fixture with a tokenizer cut to its first `known` tokens: the embedding keeps its
+    384 rows, as exports of Qwen2, Llama 3 and Gemma pad theirs past the tokenizer."""
+    import json
+    import shutil
+
+    folder = tmp_path / "llama_padded"
+    shutil.copytree(FIXTURES / "llama", folder)
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    tokenizer["model"]["vocab"] = {t: i for t, i in tokenizer["model"]["vocab"].items() if i < known}
+    tokenizer["model"]["merges"] = tokenizer["model"]["merges"][: known - 257]  # 256 bytes and <|endoftext|> first
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    return load_model(folder, backend="numpy", progress=False)
+
+
+def test_a_padded_vocabulary_samples_ids_past_the_tokenizer_and_decodes_them_to_nothing(tmp_path: Path) -> None:
+    """Issue 13: an id the model may sample but the tokenizer lacks raised InvalidTokens inside
+    step(), ending every request of the batch. The model's id space is the rule everywhere; such
+    ids decode to nothing (as in vLLM and transformers)."""
+    model = padded_vocabulary_model(tmp_path, known=320)
+    assert (model.tokenizer.vocab_size, model.config.vocab_size) == (320, 384)
+    assert model.tokenizer.decode([42, 350, 43]) == model.tokenizer.decode([42, 43])
+    with pytest.raises(InvalidTokens, match=r"outside the vocabulary 0 \.\. 383"):
+        model.tokenizer.decode([384])
+    engine = Engine(model, EngineConfig(n_ctx=256, n_seq_max=4, prefix_cache_seqs=0))
+    reqs = [
+        Request(f"r{i}", tuple(range(10 + i, 30 + i)), SamplingParams(max_tokens=24, temperature=0)) for i in range(4)
+    ]
+    out = engine.generate(reqs)
+    sampled = [t for r in reqs for t in tokens(out[r.id])]
+    assert any(t >= 320 for t in sampled), "the fixture must sample a padded id for this test to mean anything"
+    for r in reqs:
+        assert len(out[r.id]) == 24 and out[r.id][-1].finish_reason == "length"
+        assert "".join(e.text for e in out[r.id]) == model.tokenizer.decode(tokens(out[r.id]))
+    assert engine.memory.stats()["cells_used"] == 0
