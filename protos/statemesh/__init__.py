@@ -1,0 +1,1 @@
+"""The statemesh proto package (statemesh/*.proto) and the code generated from it."""
