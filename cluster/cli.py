@@ -1,0 +1,105 @@
+"""`statemesh`, the command line of API.md: `serve` runs the service; `generate` streams a prompt's
+text from a running one.
+
+    statemesh serve [--model PATH] [--replicas N] [--port P] ...
+    statemesh generate "The capital of France is" --max-tokens 16 --temperature 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+from statemesh.worker.engine import EngineConfig
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from statemesh.cluster.ray_cluster import RayOptions
+    from statemesh.cluster.service import ServiceConfig, run_service
+    from statemesh.worker.loader import default_model_path
+
+    model = args.model or str(default_model_path())
+    engine = EngineConfig(n_ctx=args.n_ctx, n_seq_max=args.max_seqs)
+    config = ServiceConfig(
+        model_path=os.path.abspath(model), replicas=args.replicas, stages=args.stages, host=args.host,
+        port=args.port, backend=args.backend, engine=engine,
+        ray=RayOptions(address=args.ray_address, num_cpus=args.num_cpus),
+    )  # fmt: skip
+    asyncio.run(run_service(config))
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from statemesh.cluster.client import Client, StatemeshError
+
+    sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed,
+                "top_k": args.top_k, "top_p": args.top_p}  # fmt: skip
+    token = args.token or os.environ.get("STATEMESH_TOKEN")
+    with Client(args.address, token=token) as client:
+        try:
+            if args.session:
+                _ensure_session(client, args.session)
+            for chunk in client.generate(args.prompt or None, session_id=args.session, **sampling):
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+        except StatemeshError as e:
+            print(f"\nstatemesh: {e}", file=sys.stderr)
+            return 1
+    sys.stdout.write("\n")
+    return 0
+
+
+def _ensure_session(client: object, session_id: str) -> None:
+    import grpc
+
+    from statemesh.cluster.client import Client, StatemeshError
+
+    assert isinstance(client, Client)
+    try:
+        client.get_session(session_id)
+    except StatemeshError as e:
+        if e.code != grpc.StatusCode.NOT_FOUND:
+            raise
+        client.create_session(session_id)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="statemesh", description="distributed LLM inference over one memory interface")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the service (an embedded local Ray cluster unless --ray-address)")
+    serve.add_argument("--model", help="a GGUF file or a Hugging Face folder (default: SmolLM2-135M-Instruct)")
+    serve.add_argument("--replicas", type=int, default=1)
+    serve.add_argument("--stages", type=int, default=1, help="pipeline stages per replica")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=50051, help="0: a free port")
+    serve.add_argument("--ray-address", help="join this Ray cluster (e.g. auto) instead of starting one")
+    serve.add_argument("--num-cpus", type=int, help="CPUs of the embedded Ray cluster (default: the machine's)")
+    serve.add_argument("--n-ctx", type=int, default=4096, help="token cells of each replica's KV cache")
+    serve.add_argument("--max-seqs", type=int, default=32, help="sequences each replica runs at once")
+    serve.add_argument("--backend", choices=["auto", "numpy", "cupy"], default="numpy")
+    serve.set_defaults(run=_serve)
+
+    gen = sub.add_parser("generate", help="stream a prompt's continuation from a running server")
+    gen.add_argument("prompt", nargs="?", default="", help="the prompt text (empty: continue --session)")
+    gen.add_argument("--address", default="127.0.0.1:50051")
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--session", help="run as the next turn of this session (created when new)")
+    gen.add_argument("--token", help="bearer token (default: $STATEMESH_TOKEN)")
+    gen.set_defaults(run=_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return int(args.run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,429 @@
+"""`Coordinator`: the service's domain, in plain Python — routing, requests in flight, sessions and the
+cluster's view. It knows nothing of gRPC (`server.py` turns protobuf into these calls and errors
+into status codes) and reaches the replicas only through their Ray actor handles.
+
+A request's tokens come from its replica's engine as a Ray streaming generator: one list of events
+per engine step, never a call per token, never a call per step from here. A request whose caller
+goes away (cancelled, deadline passed) is cancelled on its replica, which frees its memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from statemesh.cluster import router
+from statemesh.cluster.errors import AlreadyExists, Busy, InvalidRequest, NotFound, Unavailable
+from statemesh.cluster.replica import Replica
+from statemesh.worker.engine import TokenEvent
+from statemesh.worker.sampling import SamplingParams
+from statemesh.worker.shard_actor import GenerateOrder
+
+ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:/")
+MAX_ID = 128
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One of: text, token ids, or chat messages (role, content) rendered by the model's template."""
+
+    text: str | None = None
+    token_ids: tuple[int, ...] | None = None
+    messages: tuple[tuple[str, str], ...] | None = None
+
+
+@dataclass(frozen=True)
+class GenerateCall:
+    request_id: str  # "" : the coordinator makes one
+    prompt: Prompt
+    params: SamplingParams
+    session_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Part of a request's stream: the tokens since the previous chunk, from `replica_id`."""
+
+    request_id: str
+    events: list[TokenEvent]  # the sampled tokens (a cancellation's event carries none)
+    replica_id: str
+    finish_reason: str = ""
+    usage: Usage | None = None
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [e.token for e in self.events if e.token >= 0]
+
+    @property
+    def text(self) -> str:
+        return "".join(e.text for e in self.events)
+
+
+@dataclass(frozen=True)
+class SessionView:
+    session_id: str
+    replica_id: str
+    n_tokens: int
+    state_bytes: int
+    memory_kind: str
+    busy: bool
+
+
+@dataclass(frozen=True)
+class ReplicaView:
+    replica: Replica
+    running: int
+    waiting: int
+
+
+@dataclass(frozen=True)
+class Migration:
+    source_replica_id: str
+    target_replica_id: str
+    state_bytes: int
+    pause_ms: float
+
+
+@dataclass
+class Counters:
+    requests_finished: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    cached_tokens: int = 0
+    migrations: int = 0
+    recoveries: int = 0
+
+
+@dataclass
+class Coordinator:
+    replicas: list[Replica]
+    prefix_block: int = 16  # the engines' prefix-cache block, for routing by cached prefix
+    max_in_flight: int = 256  # requests a replica takes before it counts as full
+    requests: dict[str, Replica] = field(default_factory=dict)  # running request id -> its replica
+    sessions: dict[str, Replica] = field(default_factory=dict)
+    counters: Counters = field(default_factory=Counters)
+    _moves: dict[str, asyncio.Future[tuple[Replica, Any]]] = field(default_factory=dict)  # handovers in flight
+    _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    # ---- lookups ---------------------------------------------------------------------------------
+
+    def replica(self, replica_id: str) -> Replica:
+        for r in self.replicas:
+            if r.replica_id == replica_id:
+                return r
+        raise NotFound(f"no replica {replica_id!r}; replicas: {[r.replica_id for r in self.replicas]}")
+
+    def any_ready(self) -> Replica:
+        ready = [r for r in self.replicas if r.state == "ready"]
+        if not ready:
+            raise Unavailable("no replica is ready (see Cluster/ListReplicas)")
+        return min(ready, key=lambda r: r.load)
+
+    def session_replica(self, session_id: str) -> Replica:
+        replica = self.sessions.get(session_id)
+        if replica is None:
+            raise NotFound(f"no session {session_id!r}; create it with Sessions/Create")
+        if replica.state not in ("ready", "draining"):
+            raise Unavailable(f"session {session_id!r} lives on replica {replica.replica_id}, which is {replica.state}")
+        return replica
+
+    # ---- text ------------------------------------------------------------------------------------------
+
+    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(await _unwrapped(self.any_ready().engine.tokenize.remote(text, add_special_tokens)))
+
+    async def detokenize(self, ids: list[int]) -> str:
+        return str(await _unwrapped(self.any_ready().engine.detokenize.remote(ids)))
+
+    async def _prompt_ids(self, prompt: Prompt, replica: Replica) -> list[int]:
+        if prompt.token_ids is not None:
+            return list(prompt.token_ids)
+        if prompt.messages is not None:
+            messages = [{"role": role, "content": content} for role, content in prompt.messages]
+            return list(await _unwrapped(replica.engine.chat_prompt.remote(messages)))
+        return list(await _unwrapped(replica.engine.tokenize.remote(prompt.text or "")))
+
+    # ---- requests --------------------------------------------------------------------------------------
+
+    async def generate(self, call: GenerateCall) -> AsyncIterator[Chunk]:
+        """Run one request, yielding its chunks. Raises before the first chunk when the request is
+        refused (nothing runs then)."""
+        request_id = call.request_id or f"req-{uuid.uuid4().hex[:16]}"
+        check_id("request_id", request_id)
+        if request_id in self.requests:
+            raise AlreadyExists(f"request {request_id!r} is running; give each request its own id")
+        keys: list[bytes] = []
+        if call.session_id is not None:
+            replica = self.session_replica(call.session_id)
+            ids = await self._prompt_ids(call.prompt, replica)
+        else:
+            ids = await self._prompt_ids(call.prompt, self.any_ready())
+            if not ids:
+                raise InvalidRequest("the prompt is empty: give text, token_ids or messages (or a session_id)")
+            replica, keys = router.choose(self.replicas, ids, self.prefix_block, self.max_in_flight)
+        if request_id in self.requests:  # taken while the prompt was tokenized
+            raise AlreadyExists(f"request {request_id!r} is running; give each request its own id")
+        self.requests[request_id] = replica
+        replica.in_flight.add(request_id)
+        finished, produced = False, 0
+        try:
+            order = GenerateOrder(request_id, tuple(ids), call.params, call.session_id)
+            stream = replica.engine.generate.options(num_returns="streaming").remote(order)
+            while not finished:
+                async for ref in stream:
+                    events: list[TokenEvent] | int = await _unwrapped(ref)
+                    if isinstance(events, int) or not events:  # a handover's acknowledgement
+                        continue
+                    replica.remember_prefix(keys)
+                    produced += sum(1 for e in events if e.token >= 0)
+                    last = events[-1]
+                    usage = None
+                    if last.finish_reason is not None:
+                        finished = True
+                        usage = self._account(last, produced)
+                    yield Chunk(request_id, events, replica.replica_id, last.finish_reason or "", usage)
+                if not finished:  # the stream ended unfinished: the request moved; splice its new stream
+                    replica, stream = await self._next_stream(request_id, replica)
+                    keys = []
+        finally:
+            replica = self.requests.pop(request_id, replica)
+            replica.in_flight.discard(request_id)
+            if not finished:  # the caller left (or the stream broke): free the request's memory
+                self._spawn(self._cancel_on(replica, request_id))
+
+    async def _next_stream(self, request_id: str, replica: Replica) -> tuple[Replica, Any]:
+        """Where a request whose stream ended unfinished goes on: the handover its migration set."""
+        move = self._moves.get(request_id)
+        if move is None:
+            raise Unavailable(f"replica {replica.replica_id} ended request {request_id}'s stream unfinished")
+        target, stream = await move
+        self._moves.pop(request_id, None)
+        replica.in_flight.discard(request_id)
+        target.in_flight.add(request_id)
+        self.requests[request_id] = target
+        return target, stream
+
+    async def migrate_request(self, request_id: str, target_id: str | None) -> Migration:
+        """Move a running request, with its state, to another replica: it leaves its engine between
+        two steps, its state goes worker to worker through Ray's object store (never through here),
+        and its stream goes on from the target with the very tokens it would have had. If the target
+        cannot take it, it goes back where it was, and the error says why."""
+        source = self.requests.get(request_id)
+        if source is None:
+            raise NotFound(f"no running request {request_id!r}")
+        if request_id in self._moves:
+            raise Busy(f"request {request_id!r} is being migrated already")
+        target = self._target(source, target_id)
+        move: asyncio.Future[tuple[Replica, Any]] = asyncio.get_running_loop().create_future()
+        self._moves[request_id] = move
+        started = time.monotonic()
+        state = source.engine.detach.remote(request_id)  # an object ref: the bytes stay in Ray
+        try:
+            stream = target.engine.resume.options(num_returns="streaming").remote(state)
+            size = await _unwrapped(await stream.__anext__())  # once the target has queued it
+        except BaseException as error:
+            try:
+                await _unwrapped(state)  # did it leave the source?
+            except BaseException:
+                self._moves.pop(request_id, None)
+                move.cancel()
+                raise error from None  # it never left: it runs on where it was
+            back = source.engine.resume.options(num_returns="streaming").remote(state)
+            await _unwrapped(await back.__anext__())
+            move.set_result((source, back))
+            raise Busy(f"replica {target.replica_id} could not take request {request_id} ({error}); "
+                       f"it goes on on {source.replica_id}") from error  # fmt: skip
+        move.set_result((target, stream))
+        self.counters.migrations += 1
+        return Migration(source.replica_id, target.replica_id, int(size), (time.monotonic() - started) * 1000)
+
+    def _account(self, last: TokenEvent, produced: int) -> Usage:
+        self.counters.requests_finished += 1
+        usage = Usage(last.prompt_tokens or 0, produced, last.cached_tokens or 0)
+        self.counters.prompt_tokens += usage.prompt_tokens
+        self.counters.cached_tokens += usage.cached_tokens
+        return usage
+
+    async def cancel(self, request_id: str) -> bool:
+        replica = self.requests.get(request_id)
+        if replica is None:
+            raise NotFound(f"no running request {request_id!r}")
+        return await self._cancel_on(replica, request_id)
+
+    async def _cancel_on(self, replica: Replica, request_id: str) -> bool:
+        try:
+            return bool(await replica.engine.cancel.remote(request_id))
+        except ray.exceptions.RayActorError:
+            return False  # the replica is gone, and the request with it
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- sessions ---------------------------------------------------------------------------------------
+
+    async def create_session(self, session_id: str | None, replica_id: str | None) -> SessionView:
+        session_id = session_id or f"sess-{uuid.uuid4().hex[:16]}"
+        check_id("session_id", session_id)
+        if session_id in self.sessions:
+            raise AlreadyExists(f"session {session_id!r} exists already; choose another id")
+        replica = self.replica(replica_id) if replica_id else self.any_ready()
+        if replica.state != "ready":
+            raise Unavailable(f"replica {replica.replica_id} is {replica.state}; choose a ready one")
+        self.sessions[session_id] = replica
+        try:
+            await _unwrapped(replica.engine.open_session.remote(session_id))
+        except BaseException:
+            self.sessions.pop(session_id, None)
+            raise
+        return await self.get_session(session_id)
+
+    async def get_session(self, session_id: str) -> SessionView:
+        replica = self.sessions.get(session_id)
+        if replica is None:
+            raise NotFound(f"no session {session_id!r}")
+        info = await _unwrapped(replica.engine.session_info.remote(session_id))
+        if info is None:
+            raise NotFound(f"session {session_id!r} is no longer held by replica {replica.replica_id}")
+        kind = replica.workers[0].memory_kind if replica.workers else ""
+        return SessionView(session_id, replica.replica_id, info["n_tokens"], info["state_bytes"], kind, info["busy"])
+
+    async def list_sessions(self) -> list[SessionView]:
+        views = []
+        for session_id in list(self.sessions):
+            try:
+                views.append(await self.get_session(session_id))
+            except NotFound:
+                continue
+        return views
+
+    async def delete_session(self, session_id: str) -> None:
+        replica = self.sessions.get(session_id)
+        if replica is None:
+            raise NotFound(f"no session {session_id!r}")
+        await _unwrapped(replica.engine.drop_session.remote(session_id))  # SessionBusy: nothing changed
+        self.sessions.pop(session_id, None)
+
+    async def export_session(self, session_id: str) -> bytes:
+        replica = self.session_replica(session_id)
+        return bytes(await _unwrapped(replica.engine.export_session.remote(session_id)))
+
+    async def import_session(self, data: bytes, session_id: str | None, replica_id: str | None) -> SessionView:
+        """An exported session, on a replica of the same model (any split, any device)."""
+        session_id = session_id or f"sess-{uuid.uuid4().hex[:16]}"
+        check_id("session_id", session_id)
+        if session_id in self.sessions:
+            raise AlreadyExists(f"session {session_id!r} exists already; import it under another id")
+        replica = self.replica(replica_id) if replica_id else self.any_ready()
+        self.sessions[session_id] = replica
+        try:
+            await _unwrapped(replica.engine.import_session.remote(session_id, data))
+        except BaseException:
+            self.sessions.pop(session_id, None)
+            raise
+        return await self.get_session(session_id)
+
+    async def migrate_session(self, session_id: str, target_id: str | None) -> Migration:
+        """Move an idle session's state to another replica, worker to worker through Ray's object
+        store (never through here); on any failure it stays where it was."""
+        source = self.session_replica(session_id)
+        target = self._target(source, target_id)
+        started = time.monotonic()
+        state = source.engine.export_session.remote(session_id)  # an object ref: the bytes stay in Ray
+        await _unwrapped(target.engine.import_session.remote(session_id, state))
+        self.sessions[session_id] = target
+        await _unwrapped(source.engine.drop_session.remote(session_id))
+        pause_ms = (time.monotonic() - started) * 1000
+        self.counters.migrations += 1
+        size = (await self.get_session(session_id)).state_bytes
+        return Migration(source.replica_id, target.replica_id, size, pause_ms)
+
+    def _target(self, source: Replica, target_id: str | None) -> Replica:
+        if target_id:
+            target = self.replica(target_id)
+            if target is source:
+                raise Busy(f"the session is on {source.replica_id} already; name another replica")
+            if target.state != "ready":
+                raise Unavailable(f"replica {target_id} is {target.state}; migrate to a ready one")
+            return target
+        others = [r for r in self.replicas if r is not source and r.state == "ready"]
+        if not others:
+            raise Unavailable(f"no other ready replica to migrate to from {source.replica_id}")
+        return min(others, key=lambda r: r.load)
+
+    # ---- the cluster ------------------------------------------------------------------------------------
+
+    async def list_replicas(self) -> list[ReplicaView]:
+        views = []
+        for r in self.replicas:
+            running = waiting = 0
+            if r.state in ("ready", "draining"):
+                try:
+                    r.workers = [await actor.info.remote() for actor in r.actors]
+                    running, waiting = await r.engine.load.remote()
+                except ray.exceptions.RayActorError:
+                    r.state = "dead"
+            views.append(ReplicaView(r, running, waiting))
+        return views
+
+    async def stats(self) -> dict[str, int]:
+        totals = {"running": 0, "waiting": 0, "tokens_out": 0, "prefix_queries": 0, "prefix_hits": 0, "preemptions": 0}
+        for r in self.replicas:
+            if r.state not in ("ready", "draining"):
+                continue
+            try:
+                stats = await r.engine.stats.remote()
+            except ray.exceptions.RayActorError:
+                continue
+            for key in totals:
+                totals[key] += int(stats[key])
+        c = self.counters
+        return {
+            "requests_running": totals["running"],
+            "requests_waiting": totals["waiting"],
+            "requests_finished": c.requests_finished,
+            "prompt_tokens": c.prompt_tokens,
+            "generation_tokens": totals["tokens_out"],
+            "cached_tokens": c.cached_tokens,
+            "prefix_cache_queries": totals["prefix_queries"],
+            "prefix_cache_hits": totals["prefix_hits"],
+            "preemptions": totals["preemptions"],
+            "migrations": c.migrations,
+            "recoveries": c.recoveries,
+        }
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def check_id(name: str, value: str) -> None:
+    if len(value) > MAX_ID or not set(value) <= ID_CHARS:
+        raise InvalidRequest(f"{name} {value[:40]!r} must be 1..{MAX_ID} characters of letters, digits and - _ . : /")
+
+
+async def _unwrapped(ref: Any) -> Any:
+    """Await a Ray call; an error the worker raised comes out as itself (its type and message),
+    not wrapped in Ray's RayTaskError."""
+    try:
+        return await ref
+    except ray.exceptions.RayTaskError as e:
+        cause = e.cause if isinstance(e.cause, BaseException) else None
+        if cause is not None:
+            raise cause from None
+        raise

@@ -1,0 +1,52 @@
+"""Every memory kind through the service (issue 14): a server per model — a sliding-window (ISWA), a
+recurrent and a hybrid fixture, and the default model — gives what the in-process engine gives,
+greedy and seeded, and a session's second turn continues its first."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from statemesh.cluster import Client
+from statemesh.worker import default_model_path, load_model
+from statemesh.worker.engine import Engine, EngineConfig, Request
+from statemesh.worker.sampling import SamplingParams
+
+from .conftest import FIXTURES, leftovers, start_service
+
+GREEDY = {"max_tokens": 10, "temperature": 0.0}
+SEEDED = {"max_tokens": 10, "temperature": 0.9, "top_p": 0.9, "seed": 11}
+
+
+def engine_tokens(model_path: Path, prompt: list[int], **sampling: object) -> list[int]:
+    model = load_model(model_path, backend="numpy", progress=False)
+    engine = Engine(model, EngineConfig(n_ctx=512, n_seq_max=4))
+    out = engine.generate([Request("x", tuple(prompt), SamplingParams(**sampling))])  # type: ignore[arg-type]
+    return [e.token for e in out["x"]]
+
+
+@pytest.mark.parametrize(
+    ("model", "kind"),
+    [(FIXTURES / "gemma2", "iswa"), (FIXTURES / "mamba2", "recurrent"), (FIXTURES / "bamba", "hybrid"), (None, "kv")],
+    ids=["gemma2", "mamba2", "bamba", "smollm2"],
+)
+def test_each_memory_kind_serves_what_the_engine_gives(model: Path | None, kind: str, tmp_path: Path) -> None:
+    path = model or default_model_path()
+    service = start_service(["--model", str(path), "--n-ctx", "512", "--max-seqs", "4"], tmp_path / "server.log")
+    try:
+        with Client(service.address) as client:
+            prompt = client.tokenize("The capital of France is")
+            for sampling in (GREEDY, SEEDED):
+                assert client.complete(prompt, **sampling).token_ids == engine_tokens(path, prompt, **sampling)
+            session = client.create_session("s")
+            assert session.memory_kind == kind
+            first = client.complete(prompt, session_id="s", **GREEDY)
+            second = client.complete([20, 21, 22], session_id="s", **GREEDY)
+            history = [*prompt, *first.token_ids, 20, 21, 22]
+            assert second.token_ids == engine_tokens(path, history, **GREEDY)
+            if model is None:
+                assert first.text.startswith(" Paris")
+    finally:
+        assert service.stop() == 0
+    assert leftovers(service) == []

@@ -1,0 +1,265 @@
+"""`ShardWorker` and its Ray actor, `ShardActor`: a model's layers, their memory and the replica's
+engine in one worker process. The one module of `statemesh.worker` that imports Ray.
+
+The coordinator talks to it with plain data only: `ShardSpec` to start it, `GenerateOrder` for a
+request, `WorkerInfo` and dicts back, and lists of `TokenEvent`s streamed out of `generate` (one
+list per engine step: tokens flow back in batches, never one call a token). The engine runs on its
+own thread (`EngineLoop`); the actor's event loop only queues work and forwards events, so a
+decode step costs no call to the coordinator.
+
+A replica of one stage is one such worker holding every layer. (A pipeline of stages, whose later
+stages hold their layers' memory beside their weights, builds on the same worker.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import ray
+
+from statemesh.worker.engine import Engine, EngineConfig, Request, SessionBusy, TokenEvent, UnknownSession
+from statemesh.worker.engine_loop import Detached, EngineFailure, EngineLoop, Event
+from statemesh.worker.errors import InvalidTokens
+from statemesh.worker.loader import load_model
+from statemesh.worker.sampling import SamplingParams
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """What a worker hosts: layers [first_layer, end_layer) of the model at `model_path`."""
+
+    replica_id: str
+    model_path: str
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    backend: str = "numpy"  # "numpy", or "cupy" on a worker given a GPU
+    stage: int = 0
+    first_layer: int = 0
+    end_layer: int | None = None  # None: to the last layer
+
+    @property
+    def worker_id(self) -> str:
+        return f"{self.replica_id}/s{self.stage}"
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """A worker as `Cluster/ListReplicas` shows it; `memory_bytes` by memory component."""
+
+    worker_id: str
+    model: str
+    first_layer: int
+    end_layer: int
+    node_id: str
+    pid: int
+    device: str
+    memory_kind: str  # kv, iswa, recurrent, hybrid, hybrid_iswa
+    memory_bytes: dict[str, int]
+    vocab_size: int
+    n_ctx: int
+
+
+@dataclass(frozen=True)
+class GenerateOrder:
+    """One request as the coordinator sends it: the prompt's token ids (for a session, the new
+    turn's, which follow the session's history)."""
+
+    request_id: str
+    prompt: tuple[int, ...]
+    params: SamplingParams
+    session: str | None = None
+
+
+def memory_kind(stats: dict[str, Any]) -> str:
+    """The API's name for a memory's kind, from its `stats()`."""
+    kind = str(stats["kind"])
+    if kind == "windowed_kv":
+        return "iswa"
+    if kind == "hybrid":
+        return "hybrid_iswa" if stats["components"][0]["kind"] == "iswa" else "hybrid"
+    return kind
+
+
+def memory_components(stats: dict[str, Any], prefix: str = "") -> dict[str, int]:
+    """Bytes by component (`kv`, `kv_dense`, `windowed_kv`, `recurrent`, ...) from `stats()`."""
+    if "components" in stats:
+        out: dict[str, int] = {}
+        for part in stats["components"]:
+            for name, n in memory_components(part).items():
+                out[name] = out.get(name, 0) + n
+        return out
+    out = {prefix + str(stats["kind"]): int(stats["bytes"])}
+    if stats.get("dense_bytes"):
+        out[prefix + str(stats["kind"]) + "_dense"] = int(stats["dense_bytes"])
+    return out
+
+
+class ShardWorker:
+    """The worker itself, without Ray (tests drive it in process; `ShardActor` is its actor)."""
+
+    def __init__(self, spec: ShardSpec):
+        self.spec = spec
+        self.model = load_model(spec.model_path, backend=spec.backend, progress=False)
+        self.engine = Engine(self.model, spec.engine)
+        self.loop = EngineLoop(self.engine, name=f"engine {spec.worker_id}")
+
+    async def _call(self, fn: Callable[[Engine], T]) -> T:
+        return await asyncio.wrap_future(self.loop.call(fn))
+
+    # ---- facts ----------------------------------------------------------------------------------------
+
+    async def info(self) -> WorkerInfo:
+        stats = await self._call(lambda e: e.memory.stats())
+        components = memory_components(stats)
+        components["session_store"] = await self._call(lambda e: e.sessions.stored_bytes())
+        context = ray.get_runtime_context() if ray.is_initialized() else None
+        return WorkerInfo(
+            worker_id=self.spec.worker_id,
+            model=self.model.config.name,
+            first_layer=self.spec.first_layer,
+            end_layer=self.spec.end_layer if self.spec.end_layer is not None else self.model.n_layers,
+            node_id=context.get_node_id() if context is not None else "",
+            pid=os.getpid(),
+            device="cpu" if self.model.backend.is_host else "cuda:0",
+            memory_kind=memory_kind(stats),
+            memory_bytes=components,
+            vocab_size=self.model.config.vocab_size,
+            n_ctx=self.spec.engine.n_ctx,
+        )
+
+    async def stats(self) -> dict[str, Any]:
+        return await self._call(lambda e: e.stats())
+
+    async def load(self) -> tuple[int, int]:
+        """(running, waiting) requests."""
+        return await self._call(lambda e: (len(e.running), len(e.waiting)))
+
+    # ---- text ------------------------------------------------------------------------------------------
+
+    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.model.tokenizer.encode(text, add_bos=None if add_special_tokens else False)
+
+    async def detokenize(self, ids: list[int]) -> str:
+        return self.model.tokenizer.decode(ids)
+
+    async def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        tokenizer = self.model.tokenizer
+        return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+
+    # ---- requests --------------------------------------------------------------------------------------
+
+    async def generate(self, order: GenerateOrder) -> AsyncIterator[list[TokenEvent]]:
+        """Run one request; yields its events, one list per engine step that produced some (more
+        when the caller reads slower than the engine steps), the last with the finish reason.
+        Raises before the first yield when the request is refused (nothing queued then)."""
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[Event] = asyncio.Queue()
+
+        def listener(batch: Event) -> None:
+            loop.call_soon_threadsafe(inbox.put_nowait, batch)
+
+        await asyncio.wrap_future(self.loop.submit(lambda e: self._request(e, order), listener))
+        async for events in _forward(inbox, order.request_id):
+            yield events
+
+    async def resume(self, state: bytes) -> AsyncIterator[list[TokenEvent] | int]:
+        """Continue a request another worker detached (its `SequenceState`); yields the state's size
+        in bytes once it is queued here (the handover is done), then its events as `generate` does."""
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[Event] = asyncio.Queue()
+
+        def listener(batch: Event) -> None:
+            loop.call_soon_threadsafe(inbox.put_nowait, batch)
+
+        request_id = await asyncio.wrap_future(self.loop.attach(state, listener))
+        yield len(state)
+        async for events in _forward(inbox, request_id):
+            yield events
+
+    async def detach(self, request_id: str) -> bytes:
+        """Take a request out of this engine between two steps, as its portable state; its
+        `generate` stream here ends without a finish reason."""
+        return await asyncio.wrap_future(self.loop.detach(request_id))
+
+    @staticmethod
+    def _request(engine: Engine, order: GenerateOrder) -> Request:
+        """The engine's request for `order`: a session's turn follows its history."""
+        prompt = list(order.prompt)
+        if order.session is not None:
+            history = engine.session_history(order.session)
+            if history is None:
+                raise UnknownSession(f"no session {order.session!r} on this replica")
+            if engine.session_in_use(order.session):
+                raise SessionBusy(f"session {order.session!r} is busy with another request; wait for it or cancel it")
+            prompt = history + prompt
+        if not prompt:
+            raise InvalidTokens("the prompt is empty (and there is no session history to continue)")
+        return Request(order.request_id, tuple(prompt), order.params, order.session)
+
+    async def cancel(self, request_id: str) -> bool:
+        return await asyncio.wrap_future(self.loop.cancel(request_id))
+
+    # ---- sessions --------------------------------------------------------------------------------------
+
+    async def open_session(self, name: str) -> None:
+        await self._call(lambda e: e.open_session(name))
+
+    async def drop_session(self, name: str) -> bool:
+        return await self._call(lambda e: e.drop_session(name))
+
+    async def session_info(self, name: str) -> dict[str, Any] | None:
+        """n_tokens, state_bytes (of its memory or its host snapshot) and busy; None if unknown."""
+
+        def info(engine: Engine) -> dict[str, Any] | None:
+            session = engine.sessions.get(name)
+            if session is None:
+                return None
+            if session.snapshot is not None:
+                state = len(session.snapshot)
+            elif session.seq is not None and session.tokens:
+                state = len(engine.memory.state_write_buffer(session.seq))
+            else:
+                state = 0
+            return {"n_tokens": len(session.history), "state_bytes": state, "busy": engine.session_in_use(name)}
+
+        return await self._call(info)
+
+    async def export_session(self, name: str) -> bytes:
+        """The session's portable state (`SequenceState` bytes)."""
+        return await self._call(lambda e: e.export_session(name))
+
+    async def import_session(self, name: str, data: bytes) -> None:
+        await self._call(lambda e: e.import_session(name, data))
+
+    async def shutdown(self) -> None:
+        self.loop.stop()
+
+
+async def _forward(inbox: asyncio.Queue[Event], request_id: str) -> AsyncIterator[list[TokenEvent]]:
+    """A request's events from its listener's inbox, as many as have come at each read, until its
+    finish (or until it leaves this engine: `Detached` ends the stream without one)."""
+    while True:
+        batch = await inbox.get()
+        events: list[TokenEvent] = []
+        while True:
+            if isinstance(batch, EngineFailure):
+                raise RuntimeError(f"request {request_id} ended by a failed engine step: {batch.message}")
+            if isinstance(batch, Detached):
+                if events:
+                    yield events
+                return
+            events += batch
+            if inbox.empty():
+                break
+            batch = inbox.get_nowait()
+        yield events
+        if events[-1].finish_reason is not None:
+            return
+
+
+ShardActor = ray.remote(ShardWorker)
