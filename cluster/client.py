@@ -149,6 +149,15 @@ class Client:
     def delete(self, session_id: str) -> None:
         self._call(self.sessions.Delete, pb.DeleteSessionRequest(session_id=session_id))
 
+    def fork(self, session_id: str, new_session_id: str | None = None) -> pb.Session:
+        request = pb.ForkSessionRequest(session_id=session_id)
+        if new_session_id:
+            request.new_session_id = new_session_id
+        return self._call(self.sessions.Fork, request)
+
+    def truncate(self, session_id: str, n_tokens: int) -> pb.Session:
+        return self._call(self.sessions.Truncate, pb.TruncateSessionRequest(session_id=session_id, n_tokens=n_tokens))
+
     def export_session(self, session_id: str) -> bytes:
         """The session's whole state, as bytes that `import_session` takes (on any replica of the model)."""
         try:
@@ -181,6 +190,13 @@ class Client:
 
     def stats(self) -> pb.StatsResponse:
         return self._call(self.cluster.Stats, pb.StatsRequest())
+
+    def drain(self, replica_id: str) -> pb.DrainResponse:
+        """Stop routing to a replica and move what it holds elsewhere, without ending any stream."""
+        return self._call(self.cluster.Drain, pb.DrainRequest(replica_id=replica_id))
+
+    def undrain(self, replica_id: str) -> pb.Replica:
+        return self._call(self.cluster.Undrain, pb.UndrainRequest(replica_id=replica_id))
 
     def close(self) -> None:
         self.channel.close()
@@ -254,11 +270,35 @@ class AsyncClient:
     async def delete(self, session_id: str) -> None:
         await self._call(self.sessions.Delete, pb.DeleteSessionRequest(session_id=session_id))
 
+    async def fork(self, session_id: str, new_session_id: str | None = None) -> pb.Session:
+        request = pb.ForkSessionRequest(session_id=session_id)
+        if new_session_id:
+            request.new_session_id = new_session_id
+        return await self._call(self.sessions.Fork, request)
+
+    async def truncate(self, session_id: str, n_tokens: int) -> pb.Session:
+        request = pb.TruncateSessionRequest(session_id=session_id, n_tokens=n_tokens)
+        return await self._call(self.sessions.Truncate, request)
+
     async def replicas(self) -> list[pb.Replica]:
         return list((await self._call(self.cluster.ListReplicas, pb.ListReplicasRequest())).replicas)
 
     async def stats(self) -> pb.StatsResponse:
         return await self._call(self.cluster.Stats, pb.StatsRequest())
+
+    async def migrate(
+        self, session_id: str | None = None, target_replica_id: str | None = None, *, request_id: str | None = None
+    ) -> pb.MigrateResponse:
+        request = pb.MigrateRequest(request_id=request_id) if request_id else pb.MigrateRequest(session_id=session_id)
+        if target_replica_id:
+            request.target_replica_id = target_replica_id
+        return await self._call(self.sessions.Migrate, request)
+
+    async def drain(self, replica_id: str) -> pb.DrainResponse:
+        return await self._call(self.cluster.Drain, pb.DrainRequest(replica_id=replica_id))
+
+    async def undrain(self, replica_id: str) -> pb.Replica:
+        return await self._call(self.cluster.Undrain, pb.UndrainRequest(replica_id=replica_id))
 
     async def close(self) -> None:
         await self.channel.close()

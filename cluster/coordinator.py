@@ -21,10 +21,11 @@ import ray
 from statemesh.cluster import router
 from statemesh.cluster.errors import AlreadyExists, Busy, InvalidRequest, NotFound, Unavailable
 from statemesh.cluster.replica import Replica
-from statemesh.worker.engine import TokenEvent
+from statemesh.worker.engine import TokenEvent, UnknownRequest
 from statemesh.worker.sampling import SamplingParams
 from statemesh.worker.shard_actor import GenerateOrder
 
+DRAIN_ROUNDS = 8
 ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:/")
 MAX_ID = 128
 
@@ -113,6 +114,7 @@ class Coordinator:
     prefix_block: int = 16  # the engines' prefix-cache block, for routing by cached prefix
     max_in_flight: int = 256  # requests a replica takes before it counts as full
     requests: dict[str, Replica] = field(default_factory=dict)  # running request id -> its replica
+    request_sessions: dict[str, str] = field(default_factory=dict)  # running request id -> its session
     sessions: dict[str, Replica] = field(default_factory=dict)
     counters: Counters = field(default_factory=Counters)
     _moves: dict[str, asyncio.Future[tuple[Replica, Any]]] = field(default_factory=dict)  # handovers in flight
@@ -177,6 +179,8 @@ class Coordinator:
         if request_id in self.requests:  # taken while the prompt was tokenized
             raise AlreadyExists(f"request {request_id!r} is running; give each request its own id")
         self.requests[request_id] = replica
+        if call.session_id is not None:
+            self.request_sessions[request_id] = call.session_id
         replica.in_flight.add(request_id)
         finished, produced = False, 0
         try:
@@ -199,8 +203,12 @@ class Coordinator:
                     replica, stream = await self._next_stream(request_id, replica)
                     keys = []
         finally:
+            self.request_sessions.pop(request_id, None)
             replica = self.requests.pop(request_id, replica)
             replica.in_flight.discard(request_id)
+            move = self._moves.pop(request_id, None)
+            if move is not None and move.done() and not move.cancelled():
+                replica = move.result()[0]  # it left mid-handover: it runs there now
             if not finished:  # the caller left (or the stream broke): free the request's memory
                 self._spawn(self._cancel_on(replica, request_id))
 
@@ -247,6 +255,9 @@ class Coordinator:
             raise Busy(f"replica {target.replica_id} could not take request {request_id} ({error}); "
                        f"it goes on on {source.replica_id}") from error  # fmt: skip
         move.set_result((target, stream))
+        session = self.request_sessions.get(request_id)
+        if session is not None:  # a session's turn brings the session along
+            self.sessions[session] = target
         self.counters.migrations += 1
         return Migration(source.replica_id, target.replica_id, int(size), (time.monotonic() - started) * 1000)
 
@@ -318,6 +329,26 @@ class Coordinator:
         await _unwrapped(replica.engine.drop_session.remote(session_id))  # SessionBusy: nothing changed
         self.sessions.pop(session_id, None)
 
+    async def fork_session(self, session_id: str, new_id: str | None) -> SessionView:
+        """A copy of a session on its replica, sharing its state (copy-on-write where memory can)."""
+        replica = self.session_replica(session_id)
+        new_id = new_id or f"sess-{uuid.uuid4().hex[:16]}"
+        check_id("new_session_id", new_id)
+        if new_id in self.sessions:
+            raise AlreadyExists(f"session {new_id!r} exists already; fork under another id")
+        self.sessions[new_id] = replica
+        try:
+            await _unwrapped(replica.engine.fork_session.remote(session_id, new_id))
+        except BaseException:
+            self.sessions.pop(new_id, None)
+            raise
+        return await self.get_session(new_id)
+
+    async def truncate_session(self, session_id: str, n_tokens: int) -> SessionView:
+        replica = self.session_replica(session_id)
+        await _unwrapped(replica.engine.truncate_session.remote(session_id, n_tokens))
+        return await self.get_session(session_id)
+
     async def export_session(self, session_id: str) -> bytes:
         replica = self.session_replica(session_id)
         return bytes(await _unwrapped(replica.engine.export_session.remote(session_id)))
@@ -364,6 +395,39 @@ class Coordinator:
         if not others:
             raise Unavailable(f"no other ready replica to migrate to from {source.replica_id}")
         return min(others, key=lambda r: r.load)
+
+    async def drain(self, replica_id: str) -> tuple[int, int]:
+        """Stop routing to a replica and move everything it holds elsewhere, running requests with
+        their streams and idle sessions: (requests moved, sessions moved). What cannot move (no
+        other replica ready) stays, and the error says so; the replica stays draining."""
+        replica = self.replica(replica_id)
+        if replica.state not in ("ready", "draining"):
+            raise Busy(f"replica {replica_id} is {replica.state}; only a ready replica can be drained")
+        replica.state = "draining"
+        moved_requests = moved_sessions = 0
+        for _ in range(DRAIN_ROUNDS):  # requests that arrive meanwhile (a session's turn) go in the next round
+            requests = [rid for rid, r in self.requests.items() if r is replica and rid not in self._moves]
+            busy = set(self.request_sessions.values())  # a session in a turn moves with its request
+            sessions = [sid for sid, r in self.sessions.items() if r is replica and sid not in busy]
+            if not requests and not sessions:
+                break
+            for request_id in requests:
+                try:
+                    await self.migrate_request(request_id, None)
+                    moved_requests += 1
+                except (NotFound, UnknownRequest):
+                    continue  # it finished meanwhile
+            for session_id in sessions:
+                await self.migrate_session(session_id, None)
+                moved_sessions += 1
+        return moved_requests, moved_sessions
+
+    def undrain(self, replica_id: str) -> Replica:
+        replica = self.replica(replica_id)
+        if replica.state != "draining":
+            raise Busy(f"replica {replica_id} is {replica.state}, not draining")
+        replica.state = "ready"
+        return replica
 
     # ---- the cluster ------------------------------------------------------------------------------------
 
@@ -427,3 +491,5 @@ async def _unwrapped(ref: Any) -> Any:
         if cause is not None:
             raise cause from None
         raise
+    except ray.exceptions.RayActorError as e:
+        raise Unavailable(f"a replica's worker is gone ({type(e).__name__}); retry: another replica may serve") from e

@@ -18,10 +18,12 @@ from grpc_reflection.v1alpha import reflection
 
 from statemesh.cluster.coordinator import Chunk, Coordinator, GenerateCall, Prompt, ReplicaView, SessionView
 from statemesh.cluster.errors import AlreadyExists, Busy, InvalidRequest, NotFound, QueueFull, Unavailable
+from statemesh.cluster.replica import Replica
 from statemesh.memory.errors import InvalidInput, SnapshotError, SnapshotIncompatible
 from statemesh.protos.statemesh.v1 import statemesh_pb2 as pb
 from statemesh.protos.statemesh.v1 import statemesh_pb2_grpc as pb_grpc
 from statemesh.worker.engine import (
+    CannotTruncate,
     PromptTooLong,
     RequestExists,
     SessionBusy,
@@ -39,6 +41,7 @@ Code = grpc.StatusCode
 STATUS: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (PromptTooLong, Code.OUT_OF_RANGE),
     (SessionBusy, Code.FAILED_PRECONDITION),
+    (CannotTruncate, Code.FAILED_PRECONDITION),
     (Busy, Code.FAILED_PRECONDITION),
     (SessionExists, Code.ALREADY_EXISTS),
     (AlreadyExists, Code.ALREADY_EXISTS),
@@ -184,8 +187,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
 
 class SessionsServicer(pb_grpc.SessionsServicer):
-    """Create, Get, List, Delete, Export, Import and Migrate (an idle session, or a running request
-    with its stream); Fork and Truncate are not served yet (gRPC answers UNIMPLEMENTED)."""
+    """Every session RPC of API.md; Migrate moves an idle session or a running request (its stream
+    goes on)."""
 
     def __init__(self, coordinator: Coordinator):
         self.c = coordinator
@@ -206,6 +209,13 @@ class SessionsServicer(pb_grpc.SessionsServicer):
     ) -> pb.DeleteSessionResponse:
         await _unary(context, self.c.delete_session(request.session_id))
         return pb.DeleteSessionResponse()
+
+    async def Fork(self, request: pb.ForkSessionRequest, context: grpc.aio.ServicerContext) -> pb.Session:
+        call = self.c.fork_session(request.session_id, request.new_session_id or None)
+        return session_message(await _unary(context, call))
+
+    async def Truncate(self, request: pb.TruncateSessionRequest, context: grpc.aio.ServicerContext) -> pb.Session:
+        return session_message(await _unary(context, self.c.truncate_session(request.session_id, request.n_tokens)))
 
     async def Export(
         self, request: pb.ExportSessionRequest, context: grpc.aio.ServicerContext
@@ -250,7 +260,7 @@ class SessionsServicer(pb_grpc.SessionsServicer):
 
 
 class ClusterServicer(pb_grpc.ClusterServicer):
-    """ListReplicas and Stats; Drain and Undrain arrive with migration (UNIMPLEMENTED until then)."""
+    """ListReplicas, Drain, Undrain and Stats."""
 
     def __init__(self, coordinator: Coordinator):
         self.c = coordinator
@@ -260,6 +270,17 @@ class ClusterServicer(pb_grpc.ClusterServicer):
     ) -> pb.ListReplicasResponse:
         views = await _unary(context, self.c.list_replicas())
         return pb.ListReplicasResponse(replicas=[replica_message(v) for v in views])
+
+    async def Drain(self, request: pb.DrainRequest, context: grpc.aio.ServicerContext) -> pb.DrainResponse:
+        moved_requests, moved_sessions = await _unary(context, self.c.drain(request.replica_id))
+        return pb.DrainResponse(moved_requests=moved_requests, moved_sessions=moved_sessions)
+
+    async def Undrain(self, request: pb.UndrainRequest, context: grpc.aio.ServicerContext) -> pb.Replica:
+        replica = await _unary(context, self._undrain(request.replica_id))
+        return replica_message(next(v for v in await self.c.list_replicas() if v.replica is replica))
+
+    async def _undrain(self, replica_id: str) -> Replica:
+        return self.c.undrain(replica_id)
 
     async def Stats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.StatsResponse:
         return pb.StatsResponse(**await _unary(context, self.c.stats()))

@@ -81,6 +81,10 @@ class SessionExists(InvalidInput):
     """A new session under a name that is taken."""
 
 
+class CannotTruncate(InvalidInput):
+    """A cut the session's memory cannot make (a recurrent state can only be dropped whole)."""
+
+
 class SessionBusy(InvalidInput):
     """An operation on a session that a running request is using: wait for it to end, or cancel it."""
 
@@ -391,6 +395,60 @@ class Engine:
         snapshot_format.check_compatible(doc, self.memory.spec)
         if doc.seq is None:
             raise SnapshotIncompatible("a session's snapshot holds one sequence; this one holds every sequence")
+
+    def fork_session(self, name: str, new_name: str) -> None:
+        """A new session `new_name` holding what session `name` holds, sharing its attention cells
+        (copy-on-write; a recurrent state is copied). SessionExists, UnknownSession or SessionBusy,
+        nothing changed."""
+        if self.sessions.get(new_name) is not None:
+            raise SessionExists(f"session {new_name!r} exists already; fork under another id")
+        source = self._idle_session(name)
+        fork = Session(new_name, list(source.tokens), list(source.history), last_used=next(self._arrivals))
+        if source.seq is not None and source.tokens:
+            while not self.free_seqs and self._evict_one(keep=source.seq):
+                pass
+            if self.free_seqs:
+                fork.seq = self.free_seqs.pop()
+                self.memory.seq_cp(source.seq, fork.seq)
+            else:  # no sequence id to share with: the fork keeps a copy on the host
+                fork.snapshot = self.memory.state_write(source.seq)
+        elif source.snapshot is not None:
+            fork.snapshot = source.snapshot
+        self.sessions.sessions[new_name] = fork
+
+    def truncate_session(self, name: str, n_tokens: int) -> None:
+        """Keep the first `n_tokens` of session `name`. CannotTruncate, nothing changed, where its
+        memory cannot cut back there (a recurrent state has folded every token in: it can only be
+        dropped whole, to 0 tokens); UnknownSession, SessionBusy, or InvalidInput for a bad count."""
+        session = self._idle_session(name)
+        if not isinstance(n_tokens, int) or not 0 <= n_tokens <= len(session.history):
+            held = len(session.history)
+            raise InvalidInput(f"n_tokens must be in 0 .. {held} (the session's tokens), got {n_tokens!r}")
+        if n_tokens < len(session.tokens) and session.snapshot is not None and not self._restore_for_cut(session):
+            raise CannotTruncate(f"session {name!r} is held on the host and memory has no room to cut it now; retry")
+        if n_tokens < len(session.tokens) and session.seq is not None:
+            if not self.memory.seq_rm(session.seq, n_tokens, None):
+                fed = len(session.tokens)
+                raise CannotTruncate(
+                    f"session {name!r}'s memory cannot be cut back to {n_tokens} tokens: a recurrent state has "
+                    f"folded in all {fed} (truncate to 0 to drop it, or to {fed} or more)"
+                )
+            session.tokens = session.tokens[:n_tokens]
+        session.history = session.history[:n_tokens]
+
+    def _restore_for_cut(self, session: Session) -> bool:
+        """Bring an evicted session's state back into memory (so it can be cut); False if no room."""
+        assert session.snapshot is not None
+        while not self.free_seqs and self._evict_one():
+            pass
+        if not self.free_seqs:
+            return False
+        seq = self.free_seqs.pop()
+        if not self._read_state(session.snapshot, seq):
+            self.free_seqs.append(seq)
+            return False
+        session.seq, session.snapshot = seq, None
+        return True
 
     def _idle_session(self, name: str) -> Session:
         session = self.sessions.get(name)

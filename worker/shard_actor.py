@@ -229,6 +229,12 @@ class ShardWorker:
 
         return await self._call(info)
 
+    async def fork_session(self, name: str, new_name: str) -> None:
+        await self._call(lambda e: e.fork_session(name, new_name))
+
+    async def truncate_session(self, name: str, n_tokens: int) -> None:
+        await self._call(lambda e: e.truncate_session(name, n_tokens))
+
     async def export_session(self, name: str) -> bytes:
         """The session's portable state (`SequenceState` bytes)."""
         return await self._call(lambda e: e.export_session(name))

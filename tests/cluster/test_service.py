@@ -278,3 +278,59 @@ def test_a_running_request_migrates_mid_stream_and_its_stream_goes_on_unchanged(
     assert chunks[-1].replica_id == moved.target_replica_id
     assert chunks[-1].finish_reason == expected[-1].finish_reason
     assert chunks[-1].usage.completion_tokens == len(expected) > 8
+
+
+def test_drain_moves_live_streams_and_sessions_away_without_ending_any(llama_service: Service, client: Client) -> None:
+    client.create_session("drained", replica_id="r0")
+    first = client.complete([44, 45, 46], session_id="drained", **GREEDY)
+    params = {"max_tokens": 300, "temperature": 0.0}
+
+    async def run() -> tuple[list[list[int]], list[list[str]], int, int]:
+        aclient = AsyncClient(llama_service.address)
+        try:
+            tasks = [asyncio.create_task(aclient.complete(prompt(i), **params)) for i in range(4)]
+            await asyncio.sleep(0.3)  # under way on both replicas
+            drained = await aclient.drain("r0")
+            done = await asyncio.gather(*tasks)
+        finally:
+            await aclient.close()
+        moved = (drained.moved_requests, drained.moved_sessions)
+        return [d.token_ids for d in done], [d.replica_ids for d in done], *moved
+
+    tokens, replica_ids, moved_requests, moved_sessions = asyncio.run(run())
+    for i, got in enumerate(tokens):
+        assert got == engine_tokens(fixture_model("llama"), prompt(i), **params), i
+    assert moved_requests >= 1 and moved_sessions == 1
+    assert all(ids[-1] == "r1" for ids in replica_ids) and any(ids[0] == "r0" for ids in replica_ids)
+    states = {r.replica_id: (r.state, r.running, r.waiting) for r in client.replicas()}
+    assert states["r0"] == ("draining", 0, 0) and states["r1"][0] == "ready"
+    assert client.complete([1, 2, 3], **GREEDY).replica_ids == ["r1"]  # nothing is routed to it
+    second = client.complete([47], session_id="drained", **GREEDY)
+    assert second.replica_ids == ["r1"]
+    assert second.token_ids == engine_tokens(fixture_model("llama"), [44, 45, 46, *first.token_ids, 47], **GREEDY)
+    assert client.undrain("r0").state == "ready"
+    client.delete("drained")
+
+
+def test_fork_and_truncate_through_the_service(client: Client) -> None:
+    client.create_session("trunk")
+    first = client.complete([33, 34, 35, 36], session_id="trunk", **GREEDY)
+    branch = client.fork("trunk", "branch")
+    assert branch.n_tokens == 4 + 12 and branch.replica_id == client.get_session("trunk").replica_id
+    history = [33, 34, 35, 36, *first.token_ids]
+    on_branch = client.complete([90], session_id="branch", **GREEDY)
+    assert on_branch.token_ids == engine_tokens(fixture_model("llama"), [*history, 90], **GREEDY)
+    cut = client.truncate("trunk", 6)
+    assert cut.n_tokens == 6
+    after_cut = client.complete([91], session_id="trunk", **GREEDY)
+    assert after_cut.token_ids == engine_tokens(fixture_model("llama"), [*history[:6], 91], **GREEDY)
+    bad = (("trunk", 10_000, grpc.StatusCode.INVALID_ARGUMENT), ("nobody", 1, grpc.StatusCode.NOT_FOUND))
+    for name, n, code in bad:
+        with pytest.raises(StatemeshError) as e:
+            client.truncate(name, n)
+        assert e.value.code == code
+    with pytest.raises(StatemeshError) as e:
+        client.fork("trunk", "branch")
+    assert e.value.code == grpc.StatusCode.ALREADY_EXISTS
+    for name in ("trunk", "branch"):
+        client.delete(name)

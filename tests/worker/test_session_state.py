@@ -8,9 +8,23 @@ from pathlib import Path
 
 import pytest
 
-from statemesh.memory.errors import SnapshotCorrupt, SnapshotError, SnapshotIncompatible, SnapshotTruncated
+from statemesh.memory.errors import (
+    InvalidInput,
+    SnapshotCorrupt,
+    SnapshotError,
+    SnapshotIncompatible,
+    SnapshotTruncated,
+)
 from statemesh.worker import load_model
-from statemesh.worker.engine import Engine, EngineConfig, Request, SessionBusy, SessionExists, UnknownRequest
+from statemesh.worker.engine import (
+    CannotTruncate,
+    Engine,
+    EngineConfig,
+    Request,
+    SessionBusy,
+    SessionExists,
+    UnknownRequest,
+)
 from statemesh.worker.sampling import SamplingParams
 from statemesh.worker.sequence_state import SequenceState
 
@@ -120,3 +134,41 @@ def test_a_detached_request_continues_in_another_engine_with_the_same_tokens(fix
         assert got.logprob is not None and want.logprob is not None and abs(got.logprob - want.logprob) < 1e-4
     with pytest.raises(UnknownRequest):
         here.detach("m")
+
+
+@pytest.mark.parametrize("fixture", ["llama", "gemma2", "mamba", "bamba"])
+def test_a_forked_session_and_its_source_each_continue_as_a_fresh_run_would(fixture: str) -> None:
+    model = load_model(FIXTURES / fixture, backend="numpy", progress=False)
+    engine = Engine(model, EngineConfig(n_ctx=256, n_seq_max=3))
+    engine.open_session("a")
+    turn(engine, "t1", "a", list(range(20, 32)))
+    engine.fork_session("a", "b")
+    assert engine.session_history("b") == engine.session_history("a")
+    history = engine.session_history("a") or []
+    fresh = Engine(model, EngineConfig(n_ctx=256, n_seq_max=2))
+    for name, new in (("b", [50, 51]), ("a", [60])):
+        expected = fresh.generate([Request(f"x{name}", (*history, *new), GREEDY)])[f"x{name}"]
+        assert turn(engine, f"t2{name}", name, new) == [e.token for e in expected]
+    engine.memory.check_integrity()
+
+
+@pytest.mark.parametrize(("fixture", "cuts"), [("llama", True), ("gemma3", True), ("mamba", False), ("jamba", False)])
+def test_truncate_keeps_the_first_tokens_or_says_why_it_cannot(fixture: str, cuts: bool) -> None:
+    model = load_model(FIXTURES / fixture, backend="numpy", progress=False)
+    engine = Engine(model, EngineConfig(n_ctx=256, n_seq_max=2))
+    engine.open_session("s")
+    turn(engine, "t1", "s", list(range(20, 36)))
+    history = engine.session_history("s") or []
+    if not cuts:
+        with pytest.raises(CannotTruncate, match="recurrent state"):
+            engine.truncate_session("s", 10)
+        assert engine.session_history("s") == history  # nothing changed
+        engine.truncate_session("s", 0)  # dropping it whole is always possible
+        assert engine.session_history("s") == []
+        return
+    engine.truncate_session("s", 10)
+    assert engine.session_history("s") == history[:10]
+    expected = Engine(model, EngineConfig(n_ctx=256, n_seq_max=2)).generate([Request("x", (*history[:10], 77), GREEDY)])
+    assert turn(engine, "t2", "s", [77]) == [e.token for e in expected["x"]]
+    with pytest.raises(InvalidInput, match="n_tokens must be in"):
+        engine.truncate_session("s", 10_000)
