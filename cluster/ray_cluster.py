@@ -19,7 +19,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from statemesh.worker.runtime import worker_environment
-from statemesh.worker.shard_actor import ShardActor, ShardSpec
+from statemesh.worker.shard_actor import ShardActor, ShardSpec, StageActor
 
 LOOPBACK = "127.0.0.1"
 PLACEMENT_TIMEOUT_S = 120.0
@@ -69,25 +69,26 @@ def cpus_per_worker(n_workers: int) -> float:
 
 
 async def place_replica(specs: list[ShardSpec], cpus: float, gpus: float = 0.0) -> Placement:
-    """Start a replica's workers, one per spec (a pipeline's stages), packed on one node where they
-    fit; returns once each has loaded its model."""
+    """Start a replica's workers, one per spec (a pipeline's stages, in order), packed on one node
+    where they fit; returns once each has loaded its model. The later stages start first: the
+    first, which runs the engine, is given their handles."""
     bundle: dict[str, float] = {"CPU": cpus}
     if gpus:
         bundle["GPU"] = gpus
     group = placement_group([dict(bundle) for _ in specs], strategy="PACK")
     try:
         await _ready(group)
-        actors = [
-            ShardActor.options(  # type: ignore[attr-defined]
-                num_cpus=cpus,
-                num_gpus=gpus,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i),
-                runtime_env={"env_vars": worker_environment()},
-            ).remote(spec)
-            for i, spec in enumerate(specs)
-        ]
+
+        def options(i: int) -> dict[str, Any]:
+            strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)
+            return dict(num_cpus=cpus, num_gpus=gpus, scheduling_strategy=strategy,
+                        runtime_env={"env_vars": worker_environment()})  # fmt: skip
+
+        later = [StageActor.options(**options(i)).remote(spec) for i, spec in enumerate(specs) if i > 0]  # type: ignore[attr-defined]
+        first = ShardActor.options(**options(0)).remote(specs[0], later)  # type: ignore[attr-defined]
+        actors = [first, *later]
         for actor in actors:
-            await actor.info.remote()  # type: ignore[attr-defined]  # raises what the constructor raised
+            await actor.info.remote()  # type: ignore[attr-defined, union-attr]  # what the constructor raised
     except BaseException:
         remove_placement_group(group)
         raise

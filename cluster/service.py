@@ -38,17 +38,18 @@ async def start_replicas(config: ServiceConfig) -> list[Replica]:
     cpus = ray_cluster.cpus_per_worker(config.replicas * config.stages)
 
     async def one(i: int) -> Replica:
-        spec = ShardSpec(f"r{i}", config.model_path, config.engine, backend=config.backend)
-        placement = await ray_cluster.place_replica([spec], cpus)
+        specs = [ShardSpec(f"r{i}", config.model_path, config.engine, config.backend, stage, config.stages)
+                 for stage in range(config.stages)]  # fmt: skip
+        placement = await ray_cluster.place_replica(specs, cpus)
         workers = [await actor.info.remote() for actor in placement.actors]
-        return Replica(spec.replica_id, workers[0].model, placement.actors, placement, workers, state="ready")
+        return Replica(f"r{i}", workers[0].model, placement.actors, placement, workers, state="ready")
 
     return list(await asyncio.gather(*(one(i) for i in range(config.replicas))))
 
 
 async def run_service(config: ServiceConfig, ready_line: bool = True) -> None:
-    if config.stages != 1:
-        raise SystemExit("--stages above 1 (a pipeline of shard actors) is not served yet; use --stages 1")
+    if config.stages < 1:
+        raise SystemExit(f"--stages must be 1 or more, got {config.stages}")
     ray_cluster.start_ray(config.ray)
     replicas: list[Replica] = []
     server: Server | None = None

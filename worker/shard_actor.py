@@ -21,10 +21,13 @@ from typing import Any, TypeVar
 
 import ray
 
+from statemesh.memory import Batch
 from statemesh.worker.engine import Engine, EngineConfig, Request, SessionBusy, TokenEvent, UnknownSession
 from statemesh.worker.engine_loop import Detached, EngineFailure, EngineLoop, Event
 from statemesh.worker.errors import InvalidTokens
 from statemesh.worker.loader import load_model
+from statemesh.worker.model import Model
+from statemesh.worker.pipeline import PipelineMemory, PipelineModel, StageWorker, split_layers
 from statemesh.worker.sampling import SamplingParams
 
 T = TypeVar("T")
@@ -32,19 +35,22 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class ShardSpec:
-    """What a worker hosts: layers [first_layer, end_layer) of the model at `model_path`."""
+    """What a worker hosts: stage `stage` of `n_stages` (its share of the layers, `split_layers`)
+    of the model at `model_path`; stage 0 runs the replica's engine."""
 
     replica_id: str
     model_path: str
     engine: EngineConfig = field(default_factory=EngineConfig)
     backend: str = "numpy"  # "numpy", or "cupy" on a worker given a GPU
     stage: int = 0
-    first_layer: int = 0
-    end_layer: int | None = None  # None: to the last layer
+    n_stages: int = 1
 
     @property
     def worker_id(self) -> str:
         return f"{self.replica_id}/s{self.stage}"
+
+    def layers(self, n_layers: int) -> tuple[int, int]:
+        return split_layers(n_layers, self.n_stages)[self.stage]
 
 
 @dataclass(frozen=True)
@@ -100,12 +106,17 @@ def memory_components(stats: dict[str, Any], prefix: str = "") -> dict[str, int]
 
 
 class ShardWorker:
-    """The worker itself, without Ray (tests drive it in process; `ShardActor` is its actor)."""
+    """A replica's first stage and its engine, without Ray (tests drive it in process; `ShardActor`
+    is its actor). `later` are the actors of the replica's other stages, in order."""
 
-    def __init__(self, spec: ShardSpec):
+    def __init__(self, spec: ShardSpec, later: list[Any] | None = None):
         self.spec = spec
         self.model = load_model(spec.model_path, backend=spec.backend, progress=False)
-        self.engine = Engine(self.model, spec.engine)
+        model: Model = self.model
+        if later:
+            ranges = split_layers(self.model.n_layers, spec.n_stages)
+            model = PipelineModel(self.model, ranges, [RayStage(actor) for actor in later])
+        self.engine = Engine(model, spec.engine)
         self.loop = EngineLoop(self.engine, name=f"engine {spec.worker_id}")
 
     async def _call(self, fn: Callable[[Engine], T]) -> T:
@@ -114,23 +125,14 @@ class ShardWorker:
     # ---- facts ----------------------------------------------------------------------------------------
 
     async def info(self) -> WorkerInfo:
-        stats = await self._call(lambda e: e.memory.stats())
+        def local_stats(engine: Engine) -> dict[str, Any]:
+            memory = engine.memory
+            return memory.local.stats() if isinstance(memory, PipelineMemory) else memory.stats()
+
+        stats = await self._call(local_stats)
         components = memory_components(stats)
         components["session_store"] = await self._call(lambda e: e.sessions.stored_bytes())
-        context = ray.get_runtime_context() if ray.is_initialized() else None
-        return WorkerInfo(
-            worker_id=self.spec.worker_id,
-            model=self.model.config.name,
-            first_layer=self.spec.first_layer,
-            end_layer=self.spec.end_layer if self.spec.end_layer is not None else self.model.n_layers,
-            node_id=context.get_node_id() if context is not None else "",
-            pid=os.getpid(),
-            device="cpu" if self.model.backend.is_host else "cuda:0",
-            memory_kind=memory_kind(stats),
-            memory_bytes=components,
-            vocab_size=self.model.config.vocab_size,
-            n_ctx=self.spec.engine.n_ctx,
-        )
+        return worker_info(self.spec, self.model, stats, components)
 
     async def stats(self) -> dict[str, Any]:
         return await self._call(lambda e: e.stats())
@@ -268,4 +270,79 @@ async def _forward(inbox: asyncio.Queue[Event], request_id: str) -> AsyncIterato
             return
 
 
+def worker_info(spec: ShardSpec, model: Model, stats: dict[str, Any], components: dict[str, int]) -> WorkerInfo:
+    context = ray.get_runtime_context() if ray.is_initialized() else None
+    first, end = spec.layers(model.n_layers)
+    return WorkerInfo(
+        worker_id=spec.worker_id,
+        model=model.config.name,
+        first_layer=first,
+        end_layer=end,
+        node_id=context.get_node_id() if context is not None else "",
+        pid=os.getpid(),
+        device="cpu" if model.backend.is_host else "cuda:0",
+        memory_kind=memory_kind(stats),
+        memory_bytes=components,
+        vocab_size=model.config.vocab_size,
+        n_ctx=spec.engine.n_ctx,
+    )
+
+
+class StageHost:
+    """A later stage of a replica (`PipelineModel`): its layers' weights and memory, driven by the
+    first stage's engine through `RayStage`. Methods run one at a time (a plain actor)."""
+
+    def __init__(self, spec: ShardSpec):
+        self.spec = spec
+        self.model = load_model(spec.model_path, backend=spec.backend, progress=False)
+        first, end = spec.layers(self.model.n_layers)
+        c = spec.engine
+        self.stage = StageWorker(self.model, first, end, c.n_ctx, c.n_seq_max + c.prefix_cache_seqs, c.n_ubatch)
+
+    def plan(self, batch: Batch, n_ubatch: int) -> None:
+        self.stage.plan(batch, n_ubatch)
+
+    def forward(self, batch: Batch, hidden: Any, n_ubatch: int) -> Any:
+        return self.stage.forward(batch, hidden, n_ubatch)
+
+    def memory(self, op: str, *args: Any) -> Any:
+        return self.stage.memory(op, *args)
+
+    def info(self) -> WorkerInfo:
+        stats = self.stage.mem.stats()
+        return worker_info(self.spec, self.model, stats, memory_components(stats))
+
+
+class RayStage:
+    """A later stage as the first stage's engine calls it (`pipeline.Stage`), through Ray: calls
+    wait for their answers, except `forward`, whose output reference goes straight to the next
+    stage (activations never pass through the first stage on their way)."""
+
+    def __init__(self, actor: Any):
+        self.actor = actor
+
+    def plan(self, batch: Batch, n_ubatch: int) -> None:
+        _get(self.actor.plan.remote(batch, n_ubatch))
+
+    def forward(self, batch: Batch, hidden: Any, n_ubatch: int) -> Any:
+        return self.actor.forward.remote(batch, hidden, n_ubatch)
+
+    def result(self, ref: Any) -> Any:
+        return _get(ref)
+
+    def memory(self, op: str, *args: Any) -> Any:
+        return _get(self.actor.memory.remote(op, *args))
+
+
+def _get(ref: Any) -> Any:
+    """ray.get, with a stage's own error (MemoryFull, a SnapshotError) raised as itself."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, BaseException):
+            raise e.cause from None
+        raise
+
+
 ShardActor = ray.remote(ShardWorker)
+StageActor = ray.remote(StageHost)
