@@ -127,7 +127,7 @@ def test_bad_requests_get_a_status_that_says_what_to_fix(client: Client, kwargs:
 
 
 def test_a_duplicate_request_id_is_refused_while_the_first_runs(client: Client) -> None:
-    stream = client.generate([9, 10, 11], request_id="dup", max_tokens=200, temperature=0.0)
+    stream = client.generate([9, 10, 11], request_id="dup", max_tokens=400, temperature=0.0, ignore_eos=True)
     next(stream)
     with pytest.raises(StatemeshError) as e:
         client.complete([9, 10], request_id="dup", **GREEDY)
@@ -137,10 +137,10 @@ def test_a_duplicate_request_id_is_refused_while_the_first_runs(client: Client) 
 
 
 def test_a_client_that_cancels_frees_its_request(client: Client) -> None:
-    stream = client.generate([12, 13, 14], max_tokens=400, temperature=0.0)
+    stream = client.generate([12, 13, 14], max_tokens=400, temperature=0.0, ignore_eos=True)
     next(stream)
     stream.close()  # the client goes away mid-stream
-    for _ in range(100):
+    for _ in range(400):  # within 20 s: the cancel reaches the worker asynchronously
         stats = client.stats()
         if stats.requests_running == 0 and stats.requests_waiting == 0:
             break
@@ -265,7 +265,7 @@ def test_a_running_request_migrates_mid_stream_and_its_stream_goes_on_unchanged(
     """Issue 14's feature: the request leaves its engine between two steps, its state moves worker to
     worker, and the client's stream goes on from the other replica with exactly the tokens (and text)
     it would have had; replica_id in the stream changes."""
-    params = {**sampling, "max_tokens": 400}  # long enough to be still running when the move comes
+    params = {**sampling, "max_tokens": 400, "ignore_eos": True}  # still running when the move comes
     stream = client.generate(prompt(5), request_id=f"moving-{sampling['temperature']}", **params)
     chunks = [next(stream)]
     source = chunks[0].replica_id
@@ -283,7 +283,7 @@ def test_a_running_request_migrates_mid_stream_and_its_stream_goes_on_unchanged(
 def test_drain_moves_live_streams_and_sessions_away_without_ending_any(llama_service: Service, client: Client) -> None:
     client.create_session("drained", replica_id="r0")
     first = client.complete([44, 45, 46], session_id="drained", **GREEDY)
-    params = {"max_tokens": 300, "temperature": 0.0}
+    params = {"max_tokens": 400, "temperature": 0.0, "ignore_eos": True}  # all still running at the drain
 
     async def run() -> tuple[list[list[int]], list[list[str]], int, int]:
         aclient = AsyncClient(llama_service.address)
