@@ -35,7 +35,8 @@ class RayOptions:
 def start_ray(options: RayOptions) -> None:
     """Join the cluster at `options.address`, or start an embedded one bound to loopback."""
     if options.address is not None:
-        ray.init(address=options.address, log_to_driver=True)
+        loopback = options.address.split(":")[0] in (LOOPBACK, "localhost")
+        ray.init(address=options.address, _node_ip_address=LOOPBACK if loopback else None)
         return
     ray.init(
         address="local",
