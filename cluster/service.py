@@ -50,19 +50,31 @@ async def start_replicas(config: ServiceConfig) -> list[Replica]:
 async def run_service(config: ServiceConfig, ready_line: bool = True) -> None:
     if config.stages < 1:
         raise SystemExit(f"--stages must be 1 or more, got {config.stages}")
-    ray_cluster.start_ray(config.ray)
+    stop = _stop_on_signals()  # from the start: a Ctrl-C while the model loads stops cleanly too
     replicas: list[Replica] = []
     server: Server | None = None
     coordinator: Coordinator | None = None
     try:
-        replicas = await start_replicas(config)
+        # Ray starts on a thread of its own: the loop keeps answering signals meanwhile (and Ray,
+        # off the main thread, leaves the process's SIGTERM handler alone)
+        await asyncio.get_running_loop().run_in_executor(None, ray_cluster.start_ray, config.ray)
+        if stop.is_set():
+            return
+        starting = asyncio.ensure_future(start_replicas(config))
+        await asyncio.wait([starting, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            return
+        replicas = starting.result()
         coordinator = Coordinator(replicas, config.engine.prefix_block, config.max_in_flight)
         server = Server(coordinator, config.host, config.port)
         await server.start()
         if ready_line:
             print(f"statemesh listening on {config.host}:{server.port}", flush=True)
-        await _until_signalled()
+        await stop.wait()
     finally:
+        print("statemesh stopping", file=sys.stderr, flush=True)
         if server is not None:
             await server.stop(STOP_GRACE_S)
         if coordinator is not None:
@@ -72,10 +84,9 @@ async def run_service(config: ServiceConfig, ready_line: bool = True) -> None:
         ray_cluster.stop_ray()
 
 
-async def _until_signalled() -> None:
+def _stop_on_signals() -> asyncio.Event:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    print("statemesh stopping", file=sys.stderr, flush=True)
+    return stop
