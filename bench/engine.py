@@ -117,8 +117,8 @@ def stream_prompts(model: Model, streams: int, shared: float, prompt_len: int = 
 
 
 def bench_streams(model: Model, prompts: list[list[int]], new: int = 128) -> dict[str, Any]:
-    from statemesh.worker.engine import Engine, EngineConfig, Request
-    from statemesh.worker.sampling import SamplingParams
+    from statemesh.worker.engine.engine import Engine, EngineConfig, Request
+    from statemesh.worker.engine.sampling import SamplingParams
 
     streams = len(prompts)
     params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)

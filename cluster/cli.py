@@ -12,13 +12,13 @@ import asyncio
 import os
 import sys
 
-from statemesh.worker.engine import EngineConfig
+from statemesh.worker.engine.engine import EngineConfig
 
 
 def _serve(args: argparse.Namespace) -> int:
     from statemesh.cluster.ray_cluster import RayOptions
     from statemesh.cluster.service import ServiceConfig, run_service
-    from statemesh.worker.loader import default_model_path
+    from statemesh.worker.loading.loader import default_model_path
 
     model = args.model or str(default_model_path())
     engine = EngineConfig(n_ctx=args.n_ctx, n_seq_max=args.max_seqs)

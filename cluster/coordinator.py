@@ -21,8 +21,8 @@ import ray
 from statemesh.cluster import router
 from statemesh.cluster.errors import AlreadyExists, Busy, InvalidRequest, NotFound, Unavailable
 from statemesh.cluster.replica import Replica
-from statemesh.worker.engine import TokenEvent, UnknownRequest
-from statemesh.worker.sampling import SamplingParams
+from statemesh.worker.engine.engine import TokenEvent, UnknownRequest
+from statemesh.worker.engine.sampling import SamplingParams
 from statemesh.worker.shard_actor import GenerateOrder
 
 DRAIN_ROUNDS = 8

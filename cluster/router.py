@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from statemesh.cluster.errors import QueueFull, Unavailable
 from statemesh.cluster.replica import Replica
-from statemesh.worker.prefix_cache import block_keys
+from statemesh.worker.engine.prefix_cache import block_keys
 
 RETRY_AFTER_MS = 250
 

@@ -22,7 +22,7 @@ from statemesh.cluster.replica import Replica
 from statemesh.memory.errors import InvalidInput, SnapshotError, SnapshotIncompatible
 from statemesh.protos.statemesh.v1 import statemesh_pb2 as pb
 from statemesh.protos.statemesh.v1 import statemesh_pb2_grpc as pb_grpc
-from statemesh.worker.engine import (
+from statemesh.worker.engine.engine import (
     CannotTruncate,
     PromptTooLong,
     RequestExists,
@@ -31,8 +31,8 @@ from statemesh.worker.engine import (
     UnknownRequest,
     UnknownSession,
 )
+from statemesh.worker.engine.sampling import SamplingParams
 from statemesh.worker.errors import ModelError
-from statemesh.worker.sampling import SamplingParams
 
 T = TypeVar("T")
 Code = grpc.StatusCode

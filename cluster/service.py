@@ -14,7 +14,7 @@ from statemesh.cluster import ray_cluster
 from statemesh.cluster.coordinator import Coordinator
 from statemesh.cluster.replica import Replica
 from statemesh.cluster.server import Server
-from statemesh.worker.engine import EngineConfig
+from statemesh.worker.engine.engine import EngineConfig
 from statemesh.worker.shard_actor import ShardSpec
 
 STOP_GRACE_S = 5.0

@@ -1,7 +1,7 @@
 """statemesh.worker: model loading (GGUF, Hugging Face folders), architectures over the Memory
 interface, the tokenizer. Depends on statemesh.memory only (DESIGN.md)."""
 
-from statemesh.worker.config import ModelConfig
+from statemesh.worker.architectures.model import Model, Shard
 from statemesh.worker.errors import (
     InvalidTokens,
     MissingTensor,
@@ -10,9 +10,9 @@ from statemesh.worker.errors import (
     ShapeMismatch,
     UnknownArchitecture,
 )
-from statemesh.worker.loader import default_model_path, load_model
-from statemesh.worker.model import Model, Shard
-from statemesh.worker.tokenizer import StreamingDetokenizer, Tokenizer
+from statemesh.worker.loading.config import ModelConfig
+from statemesh.worker.loading.loader import default_model_path, load_model
+from statemesh.worker.loading.tokenizer import StreamingDetokenizer, Tokenizer
 
 __all__ = [
     "InvalidTokens",

@@ -24,7 +24,7 @@ from statemesh.memory import Batch, Memory, MemorySpec, merge_snapshots
 from statemesh.memory.base import Leaf, Loader
 from statemesh.memory.plan import BatchPlan, Transaction
 from statemesh.memory.snapshot import Document, Section
-from statemesh.worker.model import Model
+from statemesh.worker.architectures.model import Model
 
 # memory operations a stage answers (`StageWorker.memory`): the contract's public ones
 MEMORY_OPS = frozenset({

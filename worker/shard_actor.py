@@ -22,13 +22,13 @@ from typing import Any, TypeVar
 import ray
 
 from statemesh.memory import Batch
-from statemesh.worker.engine import Engine, EngineConfig, Request, SessionBusy, TokenEvent, UnknownSession
-from statemesh.worker.engine_loop import Detached, EngineFailure, EngineLoop, Event
+from statemesh.worker.architectures.model import Model
+from statemesh.worker.engine.engine import Engine, EngineConfig, Request, SessionBusy, TokenEvent, UnknownSession
+from statemesh.worker.engine.loop import Detached, EngineFailure, EngineLoop, Event
+from statemesh.worker.engine.sampling import SamplingParams
 from statemesh.worker.errors import InvalidTokens
-from statemesh.worker.loader import load_model
-from statemesh.worker.model import Model
+from statemesh.worker.loading.loader import load_model
 from statemesh.worker.pipeline import PipelineMemory, PipelineModel, StageWorker, split_layers
-from statemesh.worker.sampling import SamplingParams
 
 T = TypeVar("T")
 

@@ -10,8 +10,8 @@ import pytest
 
 from statemesh.cluster import Client
 from statemesh.worker import default_model_path, load_model
-from statemesh.worker.engine import Engine, EngineConfig, Request
-from statemesh.worker.sampling import SamplingParams
+from statemesh.worker.engine.engine import Engine, EngineConfig, Request
+from statemesh.worker.engine.sampling import SamplingParams
 
 from .conftest import FIXTURES, leftovers, start_service
 

@@ -12,8 +12,8 @@ import pytest
 
 from statemesh.cluster import Client
 from statemesh.worker import Model, load_model
-from statemesh.worker.engine import Engine, EngineConfig, Request
-from statemesh.worker.sampling import SamplingParams
+from statemesh.worker.engine.engine import Engine, EngineConfig, Request
+from statemesh.worker.engine.sampling import SamplingParams
 
 from .conftest import FIXTURES, Service, leftovers, start_service
 

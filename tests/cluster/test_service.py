@@ -19,8 +19,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from statemesh.cluster import AsyncClient, Client, StatemeshError
 from statemesh.worker import Model, load_model
-from statemesh.worker.engine import Engine, EngineConfig, Request, TokenEvent
-from statemesh.worker.sampling import SamplingParams
+from statemesh.worker.engine.engine import Engine, EngineConfig, Request, TokenEvent
+from statemesh.worker.engine.sampling import SamplingParams
 
 from .conftest import FIXTURES, Service
 

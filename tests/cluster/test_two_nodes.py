@@ -17,8 +17,8 @@ from ray.cluster_utils import Cluster
 
 from statemesh.cluster import Client
 from statemesh.worker import load_model
-from statemesh.worker.engine import Engine, EngineConfig, Request
-from statemesh.worker.sampling import SamplingParams
+from statemesh.worker.engine.engine import Engine, EngineConfig, Request
+from statemesh.worker.engine.sampling import SamplingParams
 
 from .conftest import FIXTURES, leftovers, start_service
 

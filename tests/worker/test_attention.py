@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from statemesh.memory import AttentionSpec, Batch, MemorySpec, create_memory
-from statemesh.worker.attention import attend, attend_batched, attend_dense, attend_each
+from statemesh.worker.kernels.attention import attend, attend_batched, attend_dense, attend_each
+from statemesh.worker.kernels.threads import Threads
 from statemesh.worker.runtime import missing_settings, worker_environment
-from statemesh.worker.threads import Threads
 
 HKV, G, D = 2, 3, 8
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from statemesh.worker import Model, default_model_path, load_model
-from statemesh.worker.engine import Engine, EngineConfig, Request, RequestRefused
+from statemesh.worker.engine.engine import Engine, EngineConfig, Request, RequestRefused
+from statemesh.worker.engine.sampling import InvalidSampling, SamplingParams
 from statemesh.worker.errors import InvalidTokens
-from statemesh.worker.sampling import InvalidSampling, SamplingParams
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
@@ -259,7 +259,7 @@ def test_checkpoints_give_way_to_running_sequences() -> None:
 def test_sampler_state_travels_as_json_and_continues_identically() -> None:
     import json
 
-    from statemesh.worker.sampling import SamplerState, sample
+    from statemesh.worker.engine.sampling import SamplerState, sample
 
     rng = np.random.default_rng(5)
     rows = rng.standard_normal((10, 384)).astype(np.float32)

@@ -29,8 +29,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from statemesh.worker import Model, load_model
-from statemesh.worker.engine import Engine, EngineConfig, Request, TokenEvent
-from statemesh.worker.sampling import SamplingParams
+from statemesh.worker.engine.engine import Engine, EngineConfig, Request, TokenEvent
+from statemesh.worker.engine.sampling import SamplingParams
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 MODELS = {  # one or more of every memory kind

@@ -6,7 +6,7 @@ import gc
 
 import numpy as np
 
-from statemesh.worker.host_arena import ALIGN, CHUNK, HostArena
+from statemesh.worker.loading.host_arena import ALIGN, CHUNK, HostArena
 
 
 def test_copies_are_exact_contiguous_aligned_and_independent() -> None:

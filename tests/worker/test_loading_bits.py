@@ -8,7 +8,7 @@ import io
 import pytest
 
 from statemesh.worker import ModelNotFound, default_model_path
-from statemesh.worker.progress import Progress
+from statemesh.worker.loading.progress import Progress
 
 
 def test_progress_draws_on_a_terminal_and_stays_quiet_otherwise() -> None:

@@ -12,9 +12,9 @@ import pytest
 
 from statemesh.memory import Batch, MemoryFull
 from statemesh.worker import Model, load_model
-from statemesh.worker.engine import Engine, EngineConfig, Request
+from statemesh.worker.engine.engine import Engine, EngineConfig, Request
+from statemesh.worker.engine.sampling import SamplingParams
 from statemesh.worker.pipeline import PipelineModel, StageWorker, split_layers
-from statemesh.worker.sampling import SamplingParams
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 

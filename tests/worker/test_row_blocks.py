@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from statemesh.worker.nn import LMHead
-from statemesh.worker.row_blocks import RowBlocks, openblas_core
-from statemesh.worker.threads import Threads
+from statemesh.worker.kernels.nn import LMHead
+from statemesh.worker.kernels.row_blocks import RowBlocks, openblas_core
+from statemesh.worker.kernels.threads import Threads
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from statemesh.memory.errors import (
     SnapshotTruncated,
 )
 from statemesh.worker import load_model
-from statemesh.worker.engine import (
+from statemesh.worker.engine.engine import (
     CannotTruncate,
     Engine,
     EngineConfig,
@@ -25,8 +25,8 @@ from statemesh.worker.engine import (
     SessionExists,
     UnknownRequest,
 )
-from statemesh.worker.sampling import SamplingParams
-from statemesh.worker.sequence_state import SequenceState
+from statemesh.worker.engine.sampling import SamplingParams
+from statemesh.worker.engine.sequence_state import SequenceState
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 GREEDY = SamplingParams(max_tokens=6, temperature=0)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from statemesh.worker.threads import Threads
+from statemesh.worker.kernels.threads import Threads
 
 
 def test_parts_run_side_by_side_and_a_map_inside_one_runs_on_its_thread() -> None:

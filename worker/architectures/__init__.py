@@ -12,10 +12,10 @@ from statemesh.worker.architectures.gemma import GemmaModel
 from statemesh.worker.architectures.hybrid import HybridModel
 from statemesh.worker.architectures.llama import LlamaModel
 from statemesh.worker.architectures.mamba import MambaModel
+from statemesh.worker.architectures.model import Model
 from statemesh.worker.architectures.nemotron_h import NemotronHModel
-from statemesh.worker.config import ModelConfig
-from statemesh.worker.model import Model
-from statemesh.worker.tokenizer import Tokenizer
+from statemesh.worker.loading.config import ModelConfig
+from statemesh.worker.loading.tokenizer import Tokenizer
 
 Constructor = Callable[[ModelConfig, dict[str, np.ndarray], Tokenizer, Backend], Model]
 

@@ -22,13 +22,13 @@ from typing import Any
 import numpy as np
 
 from statemesh.memory import AttentionSpec, Backend, MemorySpec, MicroBatch
-from statemesh.worker.attention import attend
-from statemesh.worker.config import ModelConfig
+from statemesh.worker.architectures.model import Model
 from statemesh.worker.errors import ModelError
-from statemesh.worker.model import Model
-from statemesh.worker.nn import Weights, gelu_tanh, rms_norm, softcap
-from statemesh.worker.rope import Rope
-from statemesh.worker.tokenizer import Tokenizer
+from statemesh.worker.kernels.attention import attend
+from statemesh.worker.kernels.nn import Weights, gelu_tanh, rms_norm, softcap
+from statemesh.worker.kernels.rope import Rope
+from statemesh.worker.loading.config import ModelConfig
+from statemesh.worker.loading.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)

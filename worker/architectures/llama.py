@@ -20,13 +20,13 @@ from typing import Any
 import numpy as np
 
 from statemesh.memory import AttentionSpec, Backend, MemorySpec, MicroBatch
-from statemesh.worker.attention import attend
-from statemesh.worker.config import ModelConfig
-from statemesh.worker.model import Model
-from statemesh.worker.nn import Weights, rms_norm, silu, times, times_out_in
-from statemesh.worker.rope import Rope
-from statemesh.worker.row_blocks import RowBlocks
-from statemesh.worker.tokenizer import Tokenizer
+from statemesh.worker.architectures.model import Model
+from statemesh.worker.kernels.attention import attend
+from statemesh.worker.kernels.nn import Weights, rms_norm, silu, times, times_out_in
+from statemesh.worker.kernels.rope import Rope
+from statemesh.worker.kernels.row_blocks import RowBlocks
+from statemesh.worker.loading.config import ModelConfig
+from statemesh.worker.loading.tokenizer import Tokenizer
 
 PART_COPIES_MAX_BYTES = 2 << 30  # the most that [out, in] copies of the projections may take (`runs_in_parts`)
 

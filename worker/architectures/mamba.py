@@ -8,11 +8,11 @@ from typing import Any
 import numpy as np
 
 from statemesh.memory import Backend, MemorySpec, MicroBatch
+from statemesh.worker.architectures.model import Model
 from statemesh.worker.architectures.ssm import Mamba1Mixer, Mamba2Dims, Mamba2Mixer, json_float
-from statemesh.worker.config import ModelConfig
-from statemesh.worker.model import Model
-from statemesh.worker.nn import Weights, rms_norm
-from statemesh.worker.tokenizer import Tokenizer
+from statemesh.worker.kernels.nn import Weights, rms_norm
+from statemesh.worker.loading.config import ModelConfig
+from statemesh.worker.loading.tokenizer import Tokenizer
 
 
 class MambaModel(Model):

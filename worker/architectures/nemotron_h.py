@@ -16,13 +16,13 @@ from typing import Any
 import numpy as np
 
 from statemesh.memory import AttentionSpec, Backend, MemorySpec, MicroBatch
+from statemesh.worker.architectures.model import Model
 from statemesh.worker.architectures.ssm import Mamba2Dims, Mamba2Mixer
-from statemesh.worker.attention import attend
-from statemesh.worker.config import ModelConfig
 from statemesh.worker.errors import UnknownArchitecture
-from statemesh.worker.model import Model
-from statemesh.worker.nn import Weights, rms_norm, xp_of
-from statemesh.worker.tokenizer import Tokenizer
+from statemesh.worker.kernels.attention import attend
+from statemesh.worker.kernels.nn import Weights, rms_norm, xp_of
+from statemesh.worker.loading.config import ModelConfig
+from statemesh.worker.loading.tokenizer import Tokenizer
 
 PATTERN = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
 

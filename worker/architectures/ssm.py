@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from statemesh.memory import RecurrentSpec
-from statemesh.worker.nn import Weights, rms_norm, silu, xp_of
+from statemesh.worker.kernels.nn import Weights, rms_norm, silu, xp_of
 
 
 def json_float(value: Any) -> float:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from statemesh.worker.errors import ModelError
-from statemesh.worker.nn import xp_of
+from statemesh.worker.kernels.nn import xp_of
 
 
 @dataclass(frozen=True)

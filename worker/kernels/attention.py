@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 
 from statemesh.memory import MicroBatch
-from statemesh.worker import nn
-from statemesh.worker.nn import xp_of
-from statemesh.worker.threads import Threads
+from statemesh.worker.kernels import nn
+from statemesh.worker.kernels.nn import xp_of
+from statemesh.worker.kernels.threads import Threads
 
 MIN_PART = 8  # sequences per thread, below which splitting attention costs more than it saves
 QUERY_BLOCK = 64  # a prompt chunk's query rows per block (`attend_each`)

@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from statemesh.worker.config import ModelConfig
 from statemesh.worker.errors import ModelError, UnknownArchitecture
-from statemesh.worker.progress import Progress
-from statemesh.worker.tokenizer import Tokenizer, tokenizer_from_gguf
+from statemesh.worker.loading.config import ModelConfig
+from statemesh.worker.loading.progress import Progress
+from statemesh.worker.loading.tokenizer import Tokenizer, tokenizer_from_gguf
 
 GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
 PERMUTED_QK = {"llama"}  # llama.cpp runs these with adjacent-pair RoPE; qwen2 uses NeoX pairs as HF does

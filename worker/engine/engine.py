@@ -48,13 +48,13 @@ import numpy as np
 from statemesh.memory import Batch, MemoryFull
 from statemesh.memory import snapshot as snapshot_format
 from statemesh.memory.errors import InvalidInput, SnapshotCorrupt, SnapshotError, SnapshotIncompatible
-from statemesh.worker.model import Model
-from statemesh.worker.prefix_cache import PrefixCache
-from statemesh.worker.sampling import Sample, SamplerState, SamplingParams, sample
-from statemesh.worker.sequence_state import MAX_HEADER_BYTES, SequenceState
-from statemesh.worker.sessions import Session, SessionStore
-from statemesh.worker.stops import StopMatcher
-from statemesh.worker.tokenizer import StreamingDetokenizer
+from statemesh.worker.architectures.model import Model
+from statemesh.worker.engine.prefix_cache import PrefixCache
+from statemesh.worker.engine.sampling import Sample, SamplerState, SamplingParams, sample
+from statemesh.worker.engine.sequence_state import MAX_HEADER_BYTES, SequenceState
+from statemesh.worker.engine.sessions import Session, SessionStore
+from statemesh.worker.engine.stops import StopMatcher
+from statemesh.worker.loading.tokenizer import StreamingDetokenizer
 
 
 class RequestRefused(InvalidInput):

