@@ -152,18 +152,37 @@ class Memory(ABC):
 
     # ---- snapshots -------------------------------------------------------------------------------
 
-    def state_write(self, seq: int | None = None) -> bytes:
-        """The snapshot of `seq` (or of every sequence) as bytes; see docs/snapshot-format.md."""
-        return self.state_write_buffer(seq).tobytes()
+    def state_write(self, seq: int | None = None, p0: int | None = None, p1: int | None = None) -> bytes:
+        """The snapshot of `seq` (or of every sequence) as bytes; see docs/snapshot-format.md. With
+        p0 or p1, a piece of `seq`: its full-attention cells at positions [p0, p1) (p1 None: to its
+        end, windowed cells and recurrent states included): `snapshot.Span` says what reading
+        pieces in order does. A migration sends a long sequence's cells while it keeps running,
+        and at the pause only the piece since (its size does not grow with the sequence)."""
+        return self.state_write_buffer(seq, p0, p1).tobytes()
 
-    def state_write_buffer(self, seq: int | None = None) -> memoryview:
+    def state_write_buffer(self, seq: int | None = None, p0: int | None = None, p1: int | None = None) -> memoryview:
         """The same bytes as `state_write`, as a read-only view of the buffer they were written
         into, without the extra copy into a `bytes` object (for large snapshots that are streamed
         in chunks, written to a file or handed to Ray)."""
         self._check_idle()
+        span = self._span(seq, p0, p1)
         if seq is not None:
             self._check_seq(seq)
-        return snapshot.encode(self.spec, seq, self._snapshot_sections(seq))
+        return snapshot.encode(self.spec, seq, self._snapshot_sections(seq, span), span)
+
+    @staticmethod
+    def _span(seq: int | None, p0: int | None, p1: int | None) -> snapshot.Span:
+        if p0 is None and p1 is None:
+            return snapshot.WHOLE
+        if seq is None:
+            raise InvalidInput("a piece of a snapshot (p0, p1) is of one sequence: give seq")
+        for name, value in (("p0", p0), ("p1", p1)):
+            if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool)):
+                raise InvalidInput(f"{name} must be an integer position or None, got {value!r}")
+        first = 0 if p0 is None else int(p0)
+        if first < 0 or (p1 is not None and int(p1) <= first):
+            raise InvalidInput(f"a piece covers positions [p0, p1) with 0 <= p0 < p1, got [{p0}, {p1})")
+        return snapshot.Span(first, None if p1 is None else int(p1))
 
     def state_read(self, data: Any, seq: int | None = None) -> None:
         """Restore a snapshot (bytes-like). One of every sequence replaces the whole memory; one of
@@ -223,13 +242,15 @@ class Memory(ABC):
         """A transaction over this memory; `real=False` for a dry run (metadata only, no data)."""
 
     @abstractmethod
-    def _snapshot_sections(self, seq: int | None) -> list[snapshot.Section]:
-        """The tables and layer sections that describe `seq` (or everything)."""
+    def _snapshot_sections(self, seq: int | None, span: snapshot.Span) -> list[snapshot.Section]:
+        """The tables and layer sections that describe `seq` (or everything), or the piece `span`
+        of `seq`."""
 
     @abstractmethod
     def _snapshot_prepare(self, doc: snapshot.Document, seq: int | None) -> list[Loader]:
         """Validate what this memory needs from `doc` and return the changes that load it, which
-        cannot fail; raise SnapshotError or MemoryFull without changing anything."""
+        cannot fail; raise SnapshotError or MemoryFull without changing anything. A piece
+        (`doc.span`) loads as `snapshot.Span` says."""
 
     # ---- shared checks ------------------------------------------------------------------------------
 

@@ -111,8 +111,8 @@ class HybridMemory(Memory):
         # Attention first: it is the part that can run out of cells.
         return CompositeTransaction([self.attention._transaction(real), self.recurrent._transaction(real)])
 
-    def _snapshot_sections(self, seq: int | None) -> list[snapshot.Section]:
-        return self.attention._snapshot_sections(seq) + self.recurrent._snapshot_sections(seq)
+    def _snapshot_sections(self, seq: int | None, span: snapshot.Span) -> list[snapshot.Section]:
+        return self.attention._snapshot_sections(seq, span) + self.recurrent._snapshot_sections(seq, span)
 
     def _snapshot_prepare(self, doc: snapshot.Document, seq: int | None) -> list[Loader]:
         return self.attention._snapshot_prepare(doc, seq) + self.recurrent._snapshot_prepare(doc, seq)

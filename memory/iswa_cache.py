@@ -146,8 +146,8 @@ class ISWACache(Memory):
     def _transaction(self, real: bool) -> Transaction:
         return CompositeTransaction([p._transaction(real) for p in self.parts])
 
-    def _snapshot_sections(self, seq: int | None) -> list[snapshot.Section]:
-        return [s for p in self.parts for s in p._snapshot_sections(seq)]
+    def _snapshot_sections(self, seq: int | None, span: snapshot.Span) -> list[snapshot.Section]:
+        return [s for p in self.parts for s in p._snapshot_sections(seq, span)]
 
     def _snapshot_prepare(self, doc: snapshot.Document, seq: int | None) -> list[Loader]:
         return [load for p in self.parts for load in p._snapshot_prepare(doc, seq)]

@@ -480,14 +480,17 @@ class KVCache(Memory, Leaf):
 
     # ---- snapshots -------------------------------------------------------------------------------
 
-    def _snapshot_sections(self, seq: int | None) -> list[snapshot.Section]:
+    def _snapshot_sections(self, seq: int | None, span: snapshot.Span) -> list[snapshot.Section]:
+        if self.window is not None and not span.ends:
+            return []  # windowed cells travel whole, with the piece that ends the sequence
         if seq is None:
             occupied = np.flatnonzero(self.pos >= 0)
             cells = occupied[np.lexsort((self.stamp[occupied], self.pos[occupied]))]
             owner_rows, owner_ids = np.nonzero(self.owners[cells])  # row-major: ids ascend per cell
             counts = np.bincount(owner_rows, minlength=len(cells))
         else:
-            cells = self._cells(seq).copy()
+            i, j = (0, len(self._cells(seq))) if self.window is not None else self._slice(seq, span.p0, span.p1)
+            cells = self._cells(seq)[i:j].copy()
             counts, owner_ids = np.ones(len(cells), dtype=np.int64), np.full(len(cells), seq, dtype=np.int64)
         table = snapshot.Section(
             snapshot.CELL_TABLE,
@@ -507,18 +510,53 @@ class KVCache(Memory, Leaf):
         ]
 
     def _snapshot_prepare(self, doc: snapshot.Document, seq: int | None) -> list[Loader]:
+        span = doc.span
+        if self.window is not None and not span.ends:
+            if doc.table(snapshot.CELL_TABLE, self.part) is not None:
+                raise SnapshotCorrupt("a piece that does not end its sequence carries windowed cells")
+            assert seq is not None
+            return [lambda: self._drop(seq)] if span.p0 == 0 else []  # a first piece starts the sequence anew
         pos, owner_seqs, rows = self._read_table(doc)
         layers = {layer: self._read_layer(doc, layer, len(pos)) for layer in self.layers}
         if seq is None:
             if len(pos) > self.n_cells:
                 raise MemoryFull(f"the snapshot holds {len(pos)} {self._name()} cells; this one has {self.n_cells}")
             return [lambda: self._load_all(pos, owner_seqs, rows, layers)]
+        if self.window is None and not span.whole:
+            if not span.holds(pos).all():
+                raise SnapshotCorrupt(f"the piece [{span.p0}, {span.p1}) holds cells at positions outside it")
+            if span.p0 > 0:
+                return [self._continuation(doc, seq, pos, layers)]
         own = self._cells(seq)
         reclaimable = int((self.owners[own].sum(axis=1) == 1).sum())
         free = self.n_cells - self._n_used + reclaimable
         if len(pos) > free:
             raise MemoryFull(f"the snapshot needs {len(pos)} {self._name()} cells; {free} are free for sequence {seq}")
         return [lambda: self._load_one(seq, pos, layers)]
+
+    def _continuation(self, doc: snapshot.Document, seq: int, pos: np.ndarray, layers: dict[int, Any]) -> Loader:
+        """A piece that continues `seq` from position p0: its cells join those seq holds, which
+        must end at p0 - 1 (the pieces before it were read)."""
+        last = self.seq_pos_max(seq)
+        if last != doc.span.p0 - 1:
+            raise SnapshotIncompatible(
+                f"this piece continues a sequence from position {doc.span.p0}, but sequence {seq}'s "
+                f"{self._name()} cells here end at {last}: read the pieces in order, the first from position 0"
+            )
+        free = self.n_cells - self._n_used
+        if len(pos) > free:
+            raise MemoryFull(f"the piece needs {len(pos)} {self._name()} cells; {free} are free")
+
+        def load() -> None:
+            cells = self._find_free(len(pos))
+            self._place(cells, pos, layers)
+            self.owners[cells, seq] = True
+            self._rebuild(seq)
+
+        return load
+
+    def _drop(self, seq: int) -> None:
+        self.seq_rm(seq)
 
     def _read_table(self, doc: snapshot.Document) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The cell table: positions [n], and owners as (owner seq ids, the cell row of each)."""

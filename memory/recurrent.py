@@ -241,7 +241,9 @@ class RecurrentMemory(Memory, Leaf):
 
     # ---- snapshots -------------------------------------------------------------------------------------
 
-    def _snapshot_sections(self, seq: int | None) -> list[snapshot.Section]:
+    def _snapshot_sections(self, seq: int | None, span: snapshot.Span) -> list[snapshot.Section]:
+        if not span.ends:
+            return []  # a state changes every token: it travels with the piece that ends the sequence
         seqs = np.array(self._targets(seq) if seq is None or self.slot_of[seq] >= 0 else [], dtype=np.int64)
         slots, index = np.unique(self.slot_of[seqs], return_inverse=True)
         first_use = np.array([np.flatnonzero(index == i)[0] for i in range(len(slots))], dtype=np.int64)
@@ -273,6 +275,11 @@ class RecurrentMemory(Memory, Leaf):
 
     def _snapshot_prepare(self, doc: snapshot.Document, seq: int | None) -> list[Loader]:
         table = doc.table(snapshot.STATE_TABLE, snapshot.PART_RECURRENT)
+        if not doc.span.ends:
+            if table is not None:
+                raise SnapshotCorrupt("a piece that does not end its sequence carries recurrent states")
+            assert seq is not None
+            return [lambda: self._drop(seq)] if doc.span.p0 == 0 else []  # a first piece starts the sequence anew
         if table is None:
             raise SnapshotIncompatible("the snapshot has no recurrent state table, which this memory needs")
         seqs, pos, index = (a.astype(np.int64) for a in table.arrays)
@@ -293,6 +300,9 @@ class RecurrentMemory(Memory, Leaf):
         if seq is None:
             return [lambda: self._load_all(seqs, pos, index, layers)]
         return [lambda: self._load_one(seq, pos, layers)]
+
+    def _drop(self, seq: int) -> None:
+        self.seq_rm(seq)
 
     def _read_layer(self, doc: snapshot.Document, layer: int, n: int) -> tuple[np.ndarray, np.ndarray]:
         section = doc.layer(layer)

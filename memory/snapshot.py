@@ -36,19 +36,23 @@ from statemesh.memory.errors import (
 from statemesh.memory.specs import MemorySpec
 
 MAGIC = b"SMSNAP\r\n"
-VERSION = 1
+VERSION = 2  # 2 added pieces (`FLAG_PIECE`, `Span`); a version 1 snapshot reads as a version 2 one without them
+READABLE_VERSIONS = (1, 2)
 ALIGN = 64
 NO_SEQ = 0xFFFFFFFF
 NO_LAYER = 0xFFFFFFFF
 MAX_DIMS = 6
 PARALLEL_CHECKSUM_BYTES = 8 << 20  # below this, a thread costs more than it hides
 
-HEADER = struct.Struct("<8sHHB3x16sQII16x")  # 64 bytes
+HEADER = struct.Struct("<8sHHB3x16sQIIqq")  # 64 bytes; the last two: a piece's span (`Span`)
 SECTION = struct.Struct("<IIIIQ8x")  # 32 bytes: kind, part, layer, n_arrays, length
 ARRAY = struct.Struct("<BB6x6Q")  # 56 bytes: dtype code, ndim, dims (unused dims 0)
 CHECKSUM = struct.Struct("<Q")
 
 FLAG_ONE_SEQUENCE = 1
+FLAG_PIECE = 2  # a piece of one sequence (`Span`): its p0 and p1 are in the header (p1 = -1: open end)
+KNOWN_FLAGS = FLAG_ONE_SEQUENCE | FLAG_PIECE
+OPEN_END = -1
 
 # section kinds
 CELL_TABLE = 1  # arrays: positions int64 [n], owner counts uint32 [n], owner ids uint32 [sum counts]
@@ -68,6 +72,43 @@ MEMORY_DTYPE_CODES = {"float32": 1, "float16": 2}
 
 def _pad(n: int) -> int:
     return -n % ALIGN
+
+
+@dataclass(frozen=True)
+class Span:
+    """Which part of one sequence a snapshot holds, for moving a long sequence in pieces while it
+    runs (a migration's pre-copy): its full-attention cells at positions [p0, p1), p1 None = to the
+    end. The piece with the open end also holds what does not grow with the sequence and changes
+    every token — windowed attention cells and recurrent states — whole; the others hold none.
+
+    Read into a sequence, a piece that starts at 0 replaces everything the sequence held; one that
+    starts at p0 > 0 continues it: its full-attention cells must end at p0 - 1, and they are kept.
+    So pieces [0, a), [a, b), [b, None) read in order give the sequence that one snapshot gives.
+    The whole sequence is Span(0, None), which is what a snapshot without the piece flag holds."""
+
+    p0: int = 0
+    p1: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.p0 < 0 or (self.p1 is not None and self.p1 <= self.p0):
+            raise ValueError(f"a snapshot span [p0, p1) needs 0 <= p0 < p1, got [{self.p0}, {self.p1})")
+
+    @property
+    def whole(self) -> bool:
+        return self.p0 == 0 and self.p1 is None
+
+    @property
+    def ends(self) -> bool:
+        """Whether it reaches the sequence's end, and so holds its windowed cells and states."""
+        return self.p1 is None
+
+    def holds(self, positions: np.ndarray) -> np.ndarray:
+        """Which of these positions of full-attention cells the piece holds."""
+        inside = positions >= self.p0
+        return inside if self.p1 is None else inside & (positions < self.p1)
+
+
+WHOLE = Span()
 
 
 @dataclass(frozen=True)
@@ -121,6 +162,7 @@ class Document:
     fingerprint: bytes
     seq: int | None  # the sequence of a one-sequence snapshot; None for every sequence
     sections: list[ReadSection]
+    span: Span = WHOLE  # what part of its sequence it holds
 
     def table(self, kind: int, part: int) -> ReadSection | None:
         for s in self.sections:
@@ -155,25 +197,24 @@ def _section_size(section: Section) -> int:
     return size
 
 
-def encode(spec: MemorySpec, seq: int | None, sections: list[Section]) -> memoryview:
+def _pack_header(out: memoryview, dtype: str, fingerprint: bytes, total: int, n_sections: int,
+                 seq: int | None, span: Span) -> None:  # fmt: skip
+    if seq is None and not span.whole:
+        raise ValueError("a piece (`Span`) is of one sequence; name it")
+    flags = (FLAG_ONE_SEQUENCE if seq is not None else 0) | (0 if span.whole else FLAG_PIECE)
+    p0, p1 = (0, 0) if span.whole else (span.p0, OPEN_END if span.p1 is None else span.p1)
+    seq_field = NO_SEQ if seq is None else seq
+    HEADER.pack_into(out, 0, MAGIC, VERSION, flags, MEMORY_DTYPE_CODES[dtype], fingerprint, total, n_sections,
+                     seq_field, p0, p1)  # fmt: skip
+
+
+def encode(spec: MemorySpec, seq: int | None, sections: list[Section], span: Span = WHOLE) -> memoryview:
     """Write the snapshot into one freshly allocated buffer; sections in the order given."""
     sections = sorted(sections, key=_section_order)
     total = HEADER.size + sum(_section_size(s) for s in sections) + CHECKSUM.size
     buf = np.empty(total, dtype=np.uint8)
-    flags = FLAG_ONE_SEQUENCE if seq is not None else 0
     out = buf.data  # the buffer as a memoryview, for struct and the checksum
-    HEADER.pack_into(
-        out,
-        0,
-        MAGIC,
-        VERSION,
-        flags,
-        MEMORY_DTYPE_CODES[spec.dtype],
-        spec.fingerprint,
-        total,
-        len(sections),
-        NO_SEQ if seq is None else seq,
-    )
+    _pack_header(out, spec.dtype, spec.fingerprint, total, len(sections), seq, span)
     checksum = xxhash.xxh3_64(out[: HEADER.size])
     # Large snapshots hash each section on a second thread (xxhash releases the GIL) while the next
     # one is copied; one worker runs the updates in order, so the digest is the one-pass digest.
@@ -232,9 +273,9 @@ def decode(data: Any, max_bytes: int | None = None) -> Document:
         raise SnapshotCorrupt("not a statemesh snapshot (bad magic in the first 8 bytes)")
     if n < HEADER.size + CHECKSUM.size:
         raise SnapshotTruncated(f"snapshot is {n} bytes, shorter than its {HEADER.size}-byte header")
-    _, version, flags, dtype_code, fingerprint, total, n_sections, seq = HEADER.unpack_from(mv, 0)
-    if version != VERSION:
-        raise SnapshotVersionError(f"snapshot format version {version}; this reader reads version {VERSION}")
+    _, version, flags, dtype_code, fingerprint, total, n_sections, seq, p0, p1 = HEADER.unpack_from(mv, 0)
+    if version not in READABLE_VERSIONS:
+        raise SnapshotVersionError(f"snapshot format version {version}; this reader reads versions {READABLE_VERSIONS}")
     if n < total:
         raise SnapshotTruncated(f"snapshot is {n} bytes but its header declares {total}")
     if n > total:
@@ -243,7 +284,7 @@ def decode(data: Any, max_bytes: int | None = None) -> Document:
     (expected,) = CHECKSUM.unpack_from(mv, body)
     if xxhash.xxh3_64_intdigest(mv[:body]) != expected:
         raise SnapshotCorrupt("snapshot checksum mismatch: the bytes were changed or damaged")
-    if flags & ~FLAG_ONE_SEQUENCE:
+    if flags & ~KNOWN_FLAGS:
         raise SnapshotVersionError(f"snapshot uses unknown flags {flags:#x}")
     dtype = {code: name for name, code in MEMORY_DTYPE_CODES.items()}.get(dtype_code)
     if dtype is None:
@@ -251,6 +292,13 @@ def decode(data: Any, max_bytes: int | None = None) -> Document:
     one_seq = bool(flags & FLAG_ONE_SEQUENCE)
     if one_seq == (seq == NO_SEQ):
         raise SnapshotCorrupt("snapshot header's sequence id disagrees with its flags")
+    span = WHOLE
+    if flags & FLAG_PIECE and version < 2:
+        raise SnapshotCorrupt(f"snapshot format version {version} has no pieces, yet its flags say it is one")
+    if flags & FLAG_PIECE:
+        if not one_seq or p0 < 0 or (p1 != OPEN_END and p1 <= p0) or (p0 == 0 and p1 == OPEN_END):
+            raise SnapshotCorrupt(f"snapshot header declares a piece [{p0}, {p1}) that is not one (flags {flags:#x})")
+        span = Span(p0, None if p1 == OPEN_END else p1)
     sections: list[ReadSection] = []
     offset = HEADER.size
     for _ in range(n_sections):
@@ -260,7 +308,7 @@ def decode(data: Any, max_bytes: int | None = None) -> Document:
         sections.append(section)
     if offset != body:
         raise SnapshotCorrupt(f"sections end at byte {offset}, but the checksum is at {body}")
-    return Document(dtype, bytes(fingerprint), seq if one_seq else None, sections)
+    return Document(dtype, bytes(fingerprint), seq if one_seq else None, sections, span)
 
 
 def _read_section(raw: np.ndarray, offset: int, end: int) -> tuple[ReadSection, int]:
@@ -320,9 +368,9 @@ def merge_snapshots(parts: list[Any]) -> bytes:
     tables: dict[tuple[int, int], ReadSection] = {}
     layers: dict[int, ReadSection] = {}
     for i, doc in enumerate(docs):
-        if (doc.dtype, doc.fingerprint, doc.seq) != (first.dtype, first.fingerprint, first.seq):
+        if (doc.dtype, doc.fingerprint, doc.seq, doc.span) != (first.dtype, first.fingerprint, first.seq, first.span):
             raise SnapshotIncompatible(
-                f"snapshot {i} differs from snapshot 0 in model, dtype or sequence; only the stages "
+                f"snapshot {i} differs from snapshot 0 in model, dtype, sequence or span; only the stages "
                 "of one pipeline, written for the same sequences, can be merged"
             )
         for s in doc.sections:
@@ -338,20 +386,8 @@ def merge_snapshots(parts: list[Any]) -> bytes:
     ordered = sorted([*tables.values(), *layers.values()], key=_section_order)
     total = HEADER.size + sum(len(s.raw) for s in ordered) + CHECKSUM.size
     buf = np.empty(total, dtype=np.uint8)
-    flags = FLAG_ONE_SEQUENCE if first.seq is not None else 0
     out = buf.data
-    HEADER.pack_into(
-        out,
-        0,
-        MAGIC,
-        VERSION,
-        flags,
-        MEMORY_DTYPE_CODES[first.dtype],
-        first.fingerprint,
-        total,
-        len(ordered),
-        NO_SEQ if first.seq is None else first.seq,
-    )
+    _pack_header(out, first.dtype, first.fingerprint, total, len(ordered), first.seq, first.span)
     offset = HEADER.size
     for s in ordered:
         buf[offset : offset + len(s.raw)] = np.frombuffer(s.raw, dtype=np.uint8)
