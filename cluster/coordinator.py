@@ -10,6 +10,7 @@ goes away (cancelled, deadline passed) is cancelled on its replica, which frees 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -26,6 +27,13 @@ from statemesh.worker.engine.sampling import SamplingParams
 from statemesh.worker.shard_actor import GenerateOrder
 
 DRAIN_ROUNDS = 8
+# A migration's pre-copy sends a running request's cells in pieces of at most this many tokens (a
+# piece is written between two engine steps: bounded, so the replica's other streams barely notice),
+# until a round finds fewer than PRECOPY_DONE_TOKENS new ones: those go at the pause, with the
+# recurrent and sampler state, so the pause does not grow with the sequence.
+PRECOPY_PIECE_TOKENS = 512
+PRECOPY_DONE_TOKENS = 32
+PRECOPY_MAX_ROUNDS = 64
 ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:/")
 MAX_ID = 128
 
@@ -88,14 +96,29 @@ class ReplicaView:
     replica: Replica
     running: int
     waiting: int
+    migrating: int = 0
 
 
 @dataclass(frozen=True)
 class Migration:
     source_replica_id: str
     target_replica_id: str
-    state_bytes: int
+    state_bytes: int  # all that moved: the pre-copy's pieces and the last piece
     pause_ms: float
+    precopy_bytes: int = 0  # moved while the request kept running
+    precopy_rounds: int = 0
+    pause_bytes: int = 0  # moved while it was paused
+
+
+@dataclass(frozen=True)
+class Precopy:
+    """How far a migration's pre-copy got: the target holds the request's cells below `sent`, as
+    of the source's preemption count `epoch`."""
+
+    sent: int = 0
+    epoch: int | None = None
+    bytes: int = 0
+    rounds: int = 0
 
 
 @dataclass
@@ -225,10 +248,12 @@ class Coordinator:
         return target, stream
 
     async def migrate_request(self, request_id: str, target_id: str | None) -> Migration:
-        """Move a running request, with its state, to another replica: it leaves its engine between
-        two steps, its state goes worker to worker through Ray's object store (never through here),
-        and its stream goes on from the target with the very tokens it would have had. If the target
-        cannot take it, it goes back where it was, and the error says why."""
+        """Move a running request, with its state, to another replica, live (Llumnix's pre-copy):
+        while it keeps running on its replica, its attention cells go to the target in pieces; then
+        it stops between two steps, only what changed since (the last cells, recurrent and sampler
+        state) goes over, and it resumes there. Its state goes worker to worker through Ray's
+        object store (never through here), and its stream goes on from the target with the very
+        tokens it would have had. If anything fails, it goes on where it was, and the error says why."""
         source = self.requests.get(request_id)
         if source is None:
             raise NotFound(f"no running request {request_id!r}")
@@ -237,29 +262,69 @@ class Coordinator:
         target = self._target(source, target_id)
         move: asyncio.Future[tuple[Replica, Any]] = asyncio.get_running_loop().create_future()
         self._moves[request_id] = move
-        started = time.monotonic()
-        state = source.engine.detach.remote(request_id)  # an object ref: the bytes stay in Ray
+        migration_id = f"mig-{uuid.uuid4().hex[:16]}"
         try:
-            stream = target.engine.resume.options(num_returns="streaming").remote(state)
+            done = await self._precopy(source, target, request_id, migration_id)
+        except BaseException as error:
+            self._moves.pop(request_id, None)
+            move.cancel()
+            await self._quietly(target.engine.abort_incoming.remote(migration_id))
+            if isinstance(error, UnknownRequest):
+                raise NotFound(f"request {request_id!r} ended before it could move") from None
+            raise Busy(f"replica {target.replica_id} could not take request {request_id} ({error}); "
+                       f"it goes on on {source.replica_id}") from error  # fmt: skip
+        paused = time.monotonic()
+        state = source.engine.detach.remote(request_id, done.sent, done.epoch, True)  # parked: held until released
+        try:
+            stream = target.engine.resume.options(num_returns="streaming").remote(
+                state, migration_id if done.rounds else None
+            )
             size = await _unwrapped(await stream.__anext__())  # once the target has queued it
         except BaseException as error:
+            await self._quietly(target.engine.abort_incoming.remote(migration_id))
             try:
                 await _unwrapped(state)  # did it leave the source?
             except BaseException:
                 self._moves.pop(request_id, None)
                 move.cancel()
                 raise error from None  # it never left: it runs on where it was
-            back = source.engine.resume.options(num_returns="streaming").remote(state)
+            back = source.engine.reattach.options(num_returns="streaming").remote(request_id)
             await _unwrapped(await back.__anext__())
             move.set_result((source, back))
             raise Busy(f"replica {target.replica_id} could not take request {request_id} ({error}); "
                        f"it goes on on {source.replica_id}") from error  # fmt: skip
+        pause_ms = (time.monotonic() - paused) * 1000
         move.set_result((target, stream))
+        await self._quietly(source.engine.release.remote(request_id))  # its memory there is free again
         session = self.request_sessions.get(request_id)
         if session is not None:  # a session's turn brings the session along
             self.sessions[session] = target
         self.counters.migrations += 1
-        return Migration(source.replica_id, target.replica_id, int(size), (time.monotonic() - started) * 1000)
+        return Migration(source.replica_id, target.replica_id, done.bytes + int(size), pause_ms,
+                         done.bytes, done.rounds, int(size))  # fmt: skip
+
+    async def _precopy(self, source: Replica, target: Replica, request_id: str, migration_id: str) -> Precopy:
+        """Send the request's cells to the target in pieces while it runs; returns how far it got.
+        A piece's bytes go from the source's object store to the target; only its numbers come here."""
+        done = Precopy()
+        for _ in range(PRECOPY_MAX_ROUNDS):
+            piece, info_ref = source.engine.precopy.options(num_returns=2).remote(
+                request_id, done.sent, done.epoch, PRECOPY_PIECE_TOKENS
+            )
+            info = await _unwrapped(info_ref)
+            if info["p1"] == info["p0"]:  # nothing new: it holds no memory now, or none since
+                return Precopy(info["p0"], info["epoch"], done.bytes, done.rounds)
+            await _unwrapped(target.engine.receive.remote(migration_id, piece))
+            done = Precopy(info["p1"], info["epoch"], done.bytes + info["bytes"], done.rounds + 1)
+            if info["p1"] - info["p0"] < PRECOPY_DONE_TOKENS:
+                break
+        return done
+
+    @staticmethod
+    async def _quietly(ref: Any) -> None:
+        """Await a clean-up call whose failure changes nothing (e.g. its worker is gone)."""
+        with contextlib.suppress(Exception):  # a clean-up that cannot run has nothing left to clean
+            await _unwrapped(ref)
 
     def _account(self, last: TokenEvent, produced: int) -> Usage:
         self.counters.requests_finished += 1
@@ -434,14 +499,14 @@ class Coordinator:
     async def list_replicas(self) -> list[ReplicaView]:
         views = []
         for r in self.replicas:
-            running = waiting = 0
+            running = waiting = migrating = 0
             if r.state in ("ready", "draining"):
                 try:
                     r.workers = [await actor.info.remote() for actor in r.actors]
-                    running, waiting = await r.engine.load.remote()
+                    running, waiting, migrating = await r.engine.load.remote()
                 except ray.exceptions.RayActorError:
                     r.state = "dead"
-            views.append(ReplicaView(r, running, waiting))
+            views.append(ReplicaView(r, running, waiting, migrating))
         return views
 
     async def stats(self) -> dict[str, int]:

@@ -149,7 +149,8 @@ def session_message(view: SessionView) -> pb.Session:
 
 def replica_message(view: ReplicaView) -> pb.Replica:
     r = view.replica
-    out = pb.Replica(replica_id=r.replica_id, model=r.model, state=r.state, running=view.running, waiting=view.waiting)
+    out = pb.Replica(replica_id=r.replica_id, model=r.model, state=r.state, running=view.running, waiting=view.waiting,
+                     migrating=view.migrating)  # fmt: skip
     for w in r.workers:
         worker = pb.Worker(worker_id=w.worker_id, first_layer=w.first_layer, end_layer=w.end_layer,
                            node_id=w.node_id, pid=w.pid, device=w.device)  # fmt: skip
@@ -255,7 +256,8 @@ class SessionsServicer(pb_grpc.SessionsServicer):
             await context.abort(Code.INVALID_ARGUMENT, "name the session_id or the request_id to migrate")
         return pb.MigrateResponse(
             source_replica_id=moved.source_replica_id, target_replica_id=moved.target_replica_id,
-            state_bytes=moved.state_bytes, pause_ms=moved.pause_ms,
+            state_bytes=moved.state_bytes, pause_ms=moved.pause_ms, precopy_bytes=moved.precopy_bytes,
+            precopy_rounds=moved.precopy_rounds, pause_bytes=moved.pause_bytes,
         )  # fmt: skip
 
 

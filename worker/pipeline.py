@@ -21,9 +21,10 @@ import itertools
 from typing import Any, Protocol
 
 from statemesh.memory import Batch, Memory, MemorySpec, merge_snapshots
+from statemesh.memory import snapshot as snapshot_format
 from statemesh.memory.base import Leaf, Loader
 from statemesh.memory.plan import BatchPlan, Transaction
-from statemesh.memory.snapshot import Document, Section
+from statemesh.memory.snapshot import Document, Section, Span
 from statemesh.worker.architectures.model import Model
 
 # memory operations a stage answers (`StageWorker.memory`): the contract's public ones
@@ -135,14 +136,17 @@ class PipelineMemory(Memory):
     def check_integrity(self) -> None:
         self._all("check_integrity")
 
-    def state_write_buffer(self, seq: int | None = None) -> memoryview:
-        return memoryview(merge_snapshots(self._all("state_write", seq)))
+    def state_write_buffer(self, seq: int | None = None, p0: int | None = None, p1: int | None = None) -> memoryview:
+        return memoryview(merge_snapshots(self._all("state_write", seq, p0, p1)))
 
     def state_read(self, data: Any, seq: int | None = None) -> None:
         """Each stage reads its own layers. Reading into one sequence is atomic across stages: when
         a stage refuses, those that had read drop the sequence again (the engine reads only into
-        empty sequences)."""
+        empty sequences), or, for a piece that continues the sequence, drop what it added (a
+        piece that also ends it has replaced recurrent states, which cannot come back: the engine
+        drops a sequence whose piece failed)."""
         data = bytes(data)
+        span = snapshot_format.decode(data, max_bytes=self.max_snapshot_bytes).span
         done: list[int] = []
         try:
             for i in range(1 + len(self.stages)):
@@ -151,7 +155,7 @@ class PipelineMemory(Memory):
         except BaseException:
             if seq is not None:
                 for i in done:
-                    self._call(i, "seq_rm", seq)
+                    self._call(i, "seq_rm", seq, span.p0 or None, None)
             raise
 
     @property
@@ -176,7 +180,7 @@ class PipelineMemory(Memory):
     def _transaction(self, real: bool) -> Transaction:
         raise NotImplementedError
 
-    def _snapshot_sections(self, seq: int | None) -> list[Section]:
+    def _snapshot_sections(self, seq: int | None, span: Span) -> list[Section]:
         raise NotImplementedError
 
     def _snapshot_prepare(self, doc: Document, seq: int | None) -> list[Loader]:
@@ -196,6 +200,10 @@ class PipelineModel(Model):
         self.config = model.config
         self.tokenizer = model.tokenizer
         self.backend = model.backend
+        self.held = range(model.n_layers)  # every layer runs, here or in a stage
+        self.weight_bytes = (
+            model.weight_bytes
+        )  # of this process: stage 0 needs only its own layers' (and the embedding)
 
     @property
     def runs_in_parts(self) -> bool:

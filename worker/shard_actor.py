@@ -68,6 +68,7 @@ class WorkerInfo:
     memory_bytes: dict[str, int]
     vocab_size: int
     n_ctx: int
+    weight_bytes: int  # the model weights this worker holds (its layers', and the ends it needs)
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ class ShardWorker:
 
     def __init__(self, spec: ShardSpec, later: list[Any] | None = None):
         self.spec = spec
-        self.model = load_model(spec.model_path, backend=spec.backend, progress=False)
+        self.model = load_stage(spec)  # with later stages, only its own layers' weights
         model: Model = self.model
         if later:
             ranges = split_layers(self.model.n_layers, spec.n_stages)
@@ -137,9 +138,9 @@ class ShardWorker:
     async def stats(self) -> dict[str, Any]:
         return await self._call(lambda e: e.stats())
 
-    async def load(self) -> tuple[int, int]:
-        """(running, waiting) requests."""
-        return await self._call(lambda e: (len(e.running), len(e.waiting)))
+    async def load(self) -> tuple[int, int, int]:
+        """(running, waiting) requests, and sequences held for migrations (parked or arriving)."""
+        return await self._call(lambda e: (len(e.running), len(e.waiting), len(e.parked) + len(e.incoming)))
 
     # ---- text ------------------------------------------------------------------------------------------
 
@@ -169,24 +170,62 @@ class ShardWorker:
         async for events in _forward(inbox, order.request_id):
             yield events
 
-    async def resume(self, state: bytes) -> AsyncIterator[list[TokenEvent] | int]:
-        """Continue a request another worker detached (its `SequenceState`); yields the state's size
-        in bytes once it is queued here (the handover is done), then its events as `generate` does."""
+    async def resume(self, state: bytes, migration_id: str | None = None) -> AsyncIterator[list[TokenEvent] | int]:
+        """Continue a request another worker detached (its `SequenceState`; after a pre-copy into
+        `migration_id`, its last piece); yields the state's size in bytes once it is queued here
+        (the handover is done), then its events as `generate` does."""
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue[Event] = asyncio.Queue()
 
         def listener(batch: Event) -> None:
             loop.call_soon_threadsafe(inbox.put_nowait, batch)
 
-        request_id = await asyncio.wrap_future(self.loop.attach(state, listener))
+        request_id = await asyncio.wrap_future(self.loop.attach(state, listener, migration_id))
         yield len(state)
         async for events in _forward(inbox, request_id):
             yield events
 
-    async def detach(self, request_id: str) -> bytes:
-        """Take a request out of this engine between two steps, as its portable state; its
-        `generate` stream here ends without a finish reason."""
-        return await asyncio.wrap_future(self.loop.detach(request_id))
+    async def reattach(self, request_id: str) -> AsyncIterator[list[TokenEvent] | int]:
+        """A request parked here by `detach(park=True)` goes on here (its move failed); yields 0 once
+        it runs again, then its events as `generate` does."""
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[Event] = asyncio.Queue()
+
+        def listener(batch: Event) -> None:
+            loop.call_soon_threadsafe(inbox.put_nowait, batch)
+
+        await asyncio.wrap_future(self.loop.reattach(request_id, listener))
+        yield 0
+        async for events in _forward(inbox, request_id):
+            yield events
+
+    async def detach(
+        self, request_id: str, after: int | None = None, epoch: int | None = None, park: bool = False
+    ) -> bytes:
+        """Take a request out of this engine between two steps, as its portable state (after a
+        pre-copy, the piece since `after`; with `park`, its memory stays here until `release` or
+        `reattach`); its `generate` stream here ends without a finish reason."""
+        return await asyncio.wrap_future(self.loop.detach(request_id, after, epoch, park))
+
+    async def release(self, request_id: str) -> bool:
+        """A parked request runs elsewhere now: free its memory here."""
+        return await self._call(lambda e: e.release(request_id))
+
+    # ---- live migration's pre-copy (`Engine.precopy`, `receive`) ---------------------------------------
+
+    async def precopy(
+        self, request_id: str, p0: int, epoch: int | None, max_tokens: int
+    ) -> tuple[bytes, dict[str, int]]:
+        """A piece of a running request's cells, while it keeps running (call with num_returns=2:
+        the piece goes to the target through the object store, the small answer to the caller)."""
+        piece, info = await self._call(lambda e: e.precopy(request_id, p0, epoch, max_tokens))
+        return piece, {**info, "bytes": len(piece)}
+
+    async def receive(self, migration_id: str, piece: bytes) -> None:
+        await self._call(lambda e: e.receive(migration_id, piece))
+
+    async def abort_incoming(self, migration_id: str) -> bool:
+        return await self._call(lambda e: e.abort_incoming(migration_id))
 
     @staticmethod
     def _request(engine: Engine, order: GenerateOrder) -> Request:
@@ -270,6 +309,16 @@ async def _forward(inbox: asyncio.Queue[Event], request_id: str) -> AsyncIterato
             return
 
 
+def load_stage(spec: ShardSpec) -> Model:
+    """The weights of the worker's layers alone (`split_layers` of the model's layer count, which the
+    loader gives once it has read the config): a stage never holds the whole model."""
+
+    def layers(n_layers: int) -> range:
+        return range(*spec.layers(n_layers))
+
+    return load_model(spec.model_path, backend=spec.backend, progress=False, layers=layers)
+
+
 def worker_info(spec: ShardSpec, model: Model, stats: dict[str, Any], components: dict[str, int]) -> WorkerInfo:
     context = ray.get_runtime_context() if ray.is_initialized() else None
     first, end = spec.layers(model.n_layers)
@@ -282,9 +331,10 @@ def worker_info(spec: ShardSpec, model: Model, stats: dict[str, Any], components
         pid=os.getpid(),
         device="cpu" if model.backend.is_host else "cuda:0",
         memory_kind=memory_kind(stats),
-        memory_bytes=components,
+        memory_bytes={**components, "weights": model.weight_bytes},  # the proto's Worker.memory_bytes
         vocab_size=model.config.vocab_size,
         n_ctx=spec.engine.n_ctx,
+        weight_bytes=model.weight_bytes,
     )
 
 
@@ -294,7 +344,7 @@ class StageHost:
 
     def __init__(self, spec: ShardSpec):
         self.spec = spec
-        self.model = load_model(spec.model_path, backend=spec.backend, progress=False)
+        self.model = load_stage(spec)
         first, end = spec.layers(self.model.n_layers)
         c = spec.engine
         self.stage = StageWorker(self.model, first, end, c.n_ctx, c.n_seq_max + c.prefix_cache_seqs, c.n_ubatch)

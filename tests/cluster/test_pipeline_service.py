@@ -54,6 +54,10 @@ def test_each_replica_is_two_stages_each_holding_its_layers_memory(pipelines: tu
         assert len({w.pid for w in replica.workers}) == 2
         for w in replica.workers:  # Bamba's layers: a state-space mixer, then attention, twice
             assert sum(w.memory_bytes.values()) > 0
+        # each stage holds only its layers' weights: together about one model, never two
+        whole = load_model(FIXTURES / "bamba", backend="numpy", progress=False).weight_bytes
+        held = [w.memory_bytes["weights"] for w in replica.workers]
+        assert all(0 < h < whole for h in held) and sum(held) <= whole * 1.25, (held, whole)
 
 
 def test_a_pipeline_gives_what_the_engine_gives(pipelines: tuple[Service, Client]) -> None:

@@ -280,6 +280,25 @@ def test_a_running_request_migrates_mid_stream_and_its_stream_goes_on_unchanged(
     assert chunks[-1].usage.completion_tokens == len(expected) > 8
 
 
+def test_a_long_request_moves_with_a_precopy_and_pauses_only_for_the_last_piece(client: Client) -> None:
+    """The pre-copy: a 300-token request's cells go over while it keeps running, and only what
+    came after (a few cells, the sampler) moves at the pause; the stream is still exact."""
+    long_prompt = [(11 * k) % 300 + 20 for k in range(300)]
+    params = {**SEEDED, "max_tokens": 150, "ignore_eos": True}
+    stream = client.generate(long_prompt, request_id="long-mover", **params)
+    chunks = [next(stream)]
+    moved = client.migrate(request_id="long-mover")
+    chunks += list(stream)
+    expected = engine_events(fixture_model("llama"), long_prompt, **params)
+    assert [t for c in chunks for t in c.token_ids] == [e.token for e in expected]
+    assert chunks[-1].replica_id == moved.target_replica_id != moved.source_replica_id
+    assert moved.precopy_rounds >= 1 and moved.precopy_bytes > 0
+    assert moved.state_bytes == moved.precopy_bytes + moved.pause_bytes
+    assert moved.pause_bytes * 4 < moved.precopy_bytes, moved  # the pause moved a small part of it
+    for replica in client.replicas():  # nothing left behind: no parked request, no half-received one
+        assert replica.running + replica.waiting + replica.migrating == 0
+
+
 def test_drain_moves_live_streams_and_sessions_away_without_ending_any(llama_service: Service, client: Client) -> None:
     client.create_session("drained", replica_id="r0")
     first = client.complete([44, 45, 46], session_id="drained", **GREEDY)

@@ -17,7 +17,8 @@ from statemesh.worker.architectures.nemotron_h import NemotronHModel
 from statemesh.worker.loading.config import ModelConfig
 from statemesh.worker.loading.tokenizer import Tokenizer
 
-Constructor = Callable[[ModelConfig, dict[str, np.ndarray], Tokenizer, Backend], Model]
+# (config, tensors, tokenizer, backend, the layers to build: None for all)
+Constructor = Callable[[ModelConfig, dict[str, np.ndarray], Tokenizer, Backend, range | None], Model]
 
 ARCHITECTURES: dict[str, Constructor] = {
     "llama": LlamaModel,

@@ -22,12 +22,13 @@ from typing import Any
 import numpy as np
 
 from statemesh.memory import AttentionSpec, Backend, MemorySpec, MicroBatch
-from statemesh.worker.architectures.model import Model
+from statemesh.worker.architectures.model import CountedWeights, EndWeights, Model
 from statemesh.worker.architectures.ssm import Mamba2Dims, Mamba2Mixer
 from statemesh.worker.kernels.attention import attend
 from statemesh.worker.kernels.nn import Weights, rms_norm, silu
 from statemesh.worker.kernels.rope import Rope
 from statemesh.worker.loading.config import ModelConfig
+from statemesh.worker.loading.tensor_selection import layer_range
 from statemesh.worker.loading.tokenizer import Tokenizer
 
 
@@ -52,14 +53,21 @@ def mup_vector(raw: dict[str, Any], dims: Mamba2Dims) -> np.ndarray:
 
 
 class FalconH1Model(Model):
-    def __init__(self, config: ModelConfig, tensors: dict[str, np.ndarray], tokenizer: Tokenizer, backend: Backend):
+    def __init__(
+        self,
+        config: ModelConfig,
+        tensors: dict[str, np.ndarray],
+        tokenizer: Tokenizer,
+        backend: Backend,
+        layers: range | None = None,
+    ):
         self.config, self.tokenizer, self.backend = config, tokenizer, backend
+        self.held = layer_range(layers, config.n_layers)
         raw, c = config.extra, config
-        w = Weights(tensors, backend)
-        self.embedding, self.lm_head = w.embedding_and_head(
-            "model.embed_tokens.weight", c.vocab_size, c.hidden_size, c.tie_word_embeddings
+        w = CountedWeights(tensors, backend)
+        self.ends = EndWeights.load(
+            w, c, self.held, "model.embed_tokens.weight", "model.final_layernorm.weight", c.tie_word_embeddings
         )
-        self.final_norm = w.put(w.get("model.final_layernorm.weight", (c.hidden_size,)))
         self.m = {
             name: np.float32(raw.get(name, 1.0))
             for name in ("embedding_multiplier", "lm_head_multiplier", "key_multiplier", "attention_in_multiplier",
@@ -69,7 +77,8 @@ class FalconH1Model(Model):
         inner = int(raw.get("mamba_d_ssm") or int(raw["mamba_expand"] * c.hidden_size))
         self.dims = Mamba2Dims.from_mamba_config(raw, c.rms_norm_eps, head_width=inner // int(raw["mamba_n_heads"]))
         mup = mup_vector(raw, self.dims)
-        self.layers = [self._layer(w, raw, i, mup) for i in range(c.n_layers)]
+        self.layers = {i: self._layer(w, raw, i, mup) for i in self.held}
+        self.weight_bytes = w.nbytes
         self.rope = Rope.build(c.head_dim, c.rope_theta, c.rope_scaling)
         self.scale = c.head_dim**-0.5
 
@@ -99,14 +108,14 @@ class FalconH1Model(Model):
     def memory_spec(self) -> MemorySpec:
         c = self.config
         attention = AttentionSpec(c.n_kv_heads, c.head_dim)
-        layers = [spec for layer in self.layers for spec in (attention, layer.mamba.state_spec)]
+        layers = [spec for _ in range(c.n_layers) for spec in (attention, self.dims.state_spec)]
         return MemorySpec(tuple(layers), model=c.name or c.architecture)
 
     def k_shift(self, layer: int, k: Any, delta: Any) -> Any:
         return self.rope.k_shift(layer, k, delta)
 
     def embed(self, tokens: np.ndarray) -> Any:
-        return self.embedding[self.backend.index(tokens)] * self.m["embedding_multiplier"]
+        return self.ends.token_embedding()[self.backend.index(tokens)] * self.m["embedding_multiplier"]
 
     def prepare(self, ub: MicroBatch) -> tuple[Any, Any]:
         return self.rope.cos_sin(ub.positions, self.backend.xp)
@@ -142,5 +151,6 @@ class FalconH1Model(Model):
         return o.reshape(n, -1) @ w.wo  # [n, H*D] @ [H*D, E] -> [n, E]
 
     def head(self, x: Any) -> Any:
-        logits = self.lm_head(rms_norm(x, self.final_norm, self.config.rms_norm_eps), self.row_blocks)
+        final_norm, lm_head = self.ends.norm_and_head()
+        logits = lm_head(rms_norm(x, final_norm, self.config.rms_norm_eps), self.row_blocks)
         return logits * self.m["lm_head_multiplier"]

@@ -22,12 +22,13 @@ from typing import Any
 import numpy as np
 
 from statemesh.memory import AttentionSpec, Backend, MemorySpec, MicroBatch
-from statemesh.worker.architectures.model import Model
+from statemesh.worker.architectures.model import CountedWeights, EndWeights, Model
 from statemesh.worker.errors import ModelError
 from statemesh.worker.kernels.attention import attend
 from statemesh.worker.kernels.nn import Weights, gelu_tanh, rms_norm, softcap
 from statemesh.worker.kernels.rope import Rope
 from statemesh.worker.loading.config import ModelConfig
+from statemesh.worker.loading.tensor_selection import layer_range
 from statemesh.worker.loading.tokenizer import Tokenizer
 
 
@@ -59,22 +60,28 @@ def layer_windows(raw: dict[str, Any], n_layers: int) -> list[int | None]:
 
 
 class GemmaModel(Model):
-    def __init__(self, config: ModelConfig, tensors: dict[str, np.ndarray], tokenizer: Tokenizer, backend: Backend):
+    def __init__(
+        self,
+        config: ModelConfig,
+        tensors: dict[str, np.ndarray],
+        tokenizer: Tokenizer,
+        backend: Backend,
+        layers: range | None = None,
+    ):
         self.config, self.tokenizer, self.backend = config, tokenizer, backend
+        self.held = layer_range(layers, config.n_layers)
         raw = config.extra
         self.is_gemma3 = config.architecture == "gemma3"
         self.attn_softcap = raw.get("attn_logit_softcapping")
         self.final_softcap = raw.get("final_logit_softcapping")
         self.scale = float(raw.get("query_pre_attn_scalar") or config.head_dim) ** -0.5
         self.embed_scale = np.float32(config.hidden_size**0.5)
-        w = Weights(tensors, backend)
+        w = CountedWeights(tensors, backend)
         c = config
-        self.embedding, self.lm_head = w.embedding_and_head(  # Gemma ties them
-            "model.embed_tokens.weight", c.vocab_size, c.hidden_size, tied=True
-        )
-        self.final_norm = w.put(w.get("model.norm.weight", (c.hidden_size,)))
-        windows = layer_windows(raw, c.n_layers)
-        self.layers = [self._layer(w, i, windows[i]) for i in range(c.n_layers)]
+        self.ends = EndWeights.load(w, c, self.held, "model.embed_tokens.weight", "model.norm.weight", tied=True)
+        self.windows = layer_windows(raw, c.n_layers)  # every layer's, for the whole model's memory spec
+        self.layers = {i: self._layer(w, i, self.windows[i]) for i in self.held}
+        self.weight_bytes = w.nbytes
         self.rope_full = Rope.build(c.head_dim, c.rope_theta, c.rope_scaling)
         self.rope_windowed = Rope.build(c.head_dim, self._local_theta(raw), {})
 
@@ -114,17 +121,17 @@ class GemmaModel(Model):
 
     def memory_spec(self) -> MemorySpec:
         c = self.config
-        layers = tuple(AttentionSpec(c.n_kv_heads, c.head_dim, window=layer.window) for layer in self.layers)
+        layers = tuple(AttentionSpec(c.n_kv_heads, c.head_dim, window=window) for window in self.windows)
         return MemorySpec(layers, model=c.name or c.architecture)
 
     def _rope(self, layer: int) -> Rope:
-        return self.rope_windowed if self.layers[layer].window is not None else self.rope_full
+        return self.rope_windowed if self.windows[layer] is not None else self.rope_full
 
     def k_shift(self, layer: int, k: Any, delta: Any) -> Any:
         return self._rope(layer).k_shift(layer, k, delta)
 
     def embed(self, tokens: np.ndarray) -> Any:
-        return self.embedding[self.backend.index(tokens)] * self.embed_scale  # [n, E]
+        return self.ends.token_embedding()[self.backend.index(tokens)] * self.embed_scale  # [n, E]
 
     def prepare(self, ub: MicroBatch) -> dict[int, tuple[Any, Any]]:
         xp = self.backend.xp
@@ -157,5 +164,6 @@ class GemmaModel(Model):
         return x + rms_norm(mlp, w.norm_post_mlp, eps, plus_one=True)
 
     def head(self, x: Any) -> Any:
-        logits = self.lm_head(rms_norm(x, self.final_norm, self.config.rms_norm_eps, plus_one=True), self.row_blocks)
+        final_norm, lm_head = self.ends.norm_and_head()
+        logits = lm_head(rms_norm(x, final_norm, self.config.rms_norm_eps, plus_one=True), self.row_blocks)
         return logits if self.final_softcap is None else softcap(logits, float(self.final_softcap))

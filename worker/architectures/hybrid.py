@@ -21,12 +21,13 @@ from typing import Any
 import numpy as np
 
 from statemesh.memory import AttentionSpec, Backend, MemorySpec, MicroBatch
-from statemesh.worker.architectures.model import Model
-from statemesh.worker.architectures.ssm import Mamba1Mixer, Mamba2Dims, Mamba2Mixer
+from statemesh.worker.architectures.model import CountedWeights, EndWeights, Model
+from statemesh.worker.architectures.ssm import Mamba1Dims, Mamba1Mixer, Mamba2Dims, Mamba2Mixer
 from statemesh.worker.kernels.attention import attend
 from statemesh.worker.kernels.nn import DenseMLP, MixtureOfExperts, SharedAndRouted, Weights, rms_norm
 from statemesh.worker.kernels.rope import Rope
 from statemesh.worker.loading.config import ModelConfig
+from statemesh.worker.loading.tensor_selection import layer_range
 from statemesh.worker.loading.tokenizer import Tokenizer
 
 
@@ -84,22 +85,31 @@ def fused_experts(w: Weights, gate_up: np.ndarray, down: np.ndarray) -> list[Den
 
 
 class HybridModel(Model):
-    def __init__(self, config: ModelConfig, tensors: dict[str, np.ndarray], tokenizer: Tokenizer, backend: Backend):
+    def __init__(
+        self,
+        config: ModelConfig,
+        tensors: dict[str, np.ndarray],
+        tokenizer: Tokenizer,
+        backend: Backend,
+        layers: range | None = None,
+    ):
         self.config, self.tokenizer, self.backend = config, tokenizer, backend
+        self.held = layer_range(layers, config.n_layers)
         raw, c = config.extra, config
-        w = Weights(tensors, backend)
-        self.embedding, self.lm_head = w.embedding_and_head(
-            "model.embed_tokens.weight", c.vocab_size, c.hidden_size, c.tie_word_embeddings
-        )
+        w = CountedWeights(tensors, backend)
         self.family = c.architecture
         self.names = FAMILIES[self.family]
-        self.final_norm = w.put(w.get(self.names.final_norm, (c.hidden_size,)))
+        self.ends = EndWeights.load(
+            w, c, self.held, "model.embed_tokens.weight", self.names.final_norm, c.tie_word_embeddings
+        )
         self.embedding_multiplier = np.float32(raw.get("embedding_multiplier", 1.0))
         self.residual_multiplier = np.float32(raw.get("residual_multiplier", 1.0))
         self.logits_scaling = np.float32(raw.get("logits_scaling", 1.0))
-        attending = attention_layers(self.family, raw, c.n_layers)
+        self.attending = attention_layers(self.family, raw, c.n_layers)
+        self.state_dims = self._state_dims(raw)  # every state space layer's
         experts = expert_layers(self.family, raw, c.n_layers)
-        self.layers = [self._layer(w, raw, i, i in attending, i in experts) for i in range(c.n_layers)]
+        self.layers = {i: self._layer(w, raw, i, i in self.attending, i in experts) for i in self.held}
+        self.weight_bytes = w.nbytes
         self.rope: Rope | None = None  # Jamba's attention has no positions, nor Granite's by default
         if self.family == "bamba" or raw.get("position_embedding_type") == "rope":
             rope = raw.get("rope_parameters") or {}
@@ -107,16 +117,19 @@ class HybridModel(Model):
             self.rope = Rope.build(c.head_dim, c.rope_theta, c.rope_scaling, rotary_dim=int(c.head_dim * factor))
         self.scale = float(raw.get("attention_multiplier") or c.head_dim**-0.5)
 
-    def _state_mixer(self, w: Weights, raw: dict[str, Any], m: str) -> Mamba1Mixer | Mamba2Mixer:
+    def _state_dims(self, raw: dict[str, Any]) -> Mamba1Dims | Mamba2Dims:
         c = self.config
         if self.family == "jamba":
             inner = int(raw["mamba_expand"]) * c.hidden_size
-            return Mamba1Mixer.load(
-                w, m, c.hidden_size, inner, int(raw["mamba_d_state"]), int(raw["mamba_dt_rank"]),
-                int(raw["mamba_d_conv"]), norm_eps=c.rms_norm_eps,
-            )  # fmt: skip
-        dims = Mamba2Dims.from_mamba_config(raw, c.rms_norm_eps, head_width=int(raw["mamba_d_head"]))
-        return Mamba2Mixer.load(w, m, c.hidden_size, dims)
+            return Mamba1Dims(
+                inner, int(raw["mamba_d_state"]), int(raw["mamba_dt_rank"]), int(raw["mamba_d_conv"]), c.rms_norm_eps
+            )
+        return Mamba2Dims.from_mamba_config(raw, c.rms_norm_eps, head_width=int(raw["mamba_d_head"]))
+
+    def _state_mixer(self, w: Weights, m: str) -> Mamba1Mixer | Mamba2Mixer:
+        if isinstance(self.state_dims, Mamba2Dims):
+            return Mamba2Mixer.load(w, m, self.config.hidden_size, self.state_dims)
+        return Mamba1Mixer.load(w, m, self.config.hidden_size, self.state_dims)
 
     def _layer(self, w: Weights, raw: dict[str, Any], i: int, attends: bool, has_experts: bool) -> HybridLayer:
         c = self.config
@@ -130,7 +143,7 @@ class HybridModel(Model):
                 wo=w.put(w.get(p + "self_attn.o_proj.weight", (e, q_dim)).T),
             )
         else:
-            mixer = self._state_mixer(w, raw, p + "mamba.")
+            mixer = self._state_mixer(w, p + "mamba.")
         return HybridLayer(
             norm_in=w.put(w.get(p + "input_layernorm.weight", (e,))),
             mixer=mixer,
@@ -183,17 +196,15 @@ class HybridModel(Model):
 
     def memory_spec(self) -> MemorySpec:
         c = self.config
-        attention = AttentionSpec(c.n_kv_heads, c.head_dim)
-        layers = tuple(
-            attention if isinstance(layer.mixer, AttentionMixer) else layer.mixer.state_spec for layer in self.layers
-        )
+        attention, state = AttentionSpec(c.n_kv_heads, c.head_dim), self.state_dims.state_spec
+        layers = tuple(attention if i in self.attending else state for i in range(c.n_layers))
         return MemorySpec(layers, model=c.name or c.architecture)
 
     def k_shift(self, layer: int, k: Any, delta: Any) -> Any:
         return k if self.rope is None else self.rope.k_shift(layer, k, delta)
 
     def embed(self, tokens: np.ndarray) -> Any:
-        return self.embedding[self.backend.index(tokens)] * self.embedding_multiplier
+        return self.ends.token_embedding()[self.backend.index(tokens)] * self.embedding_multiplier
 
     def prepare(self, ub: MicroBatch) -> tuple[Any, Any] | None:
         return None if self.rope is None else self.rope.cos_sin(ub.positions, self.backend.xp)
@@ -228,5 +239,6 @@ class HybridModel(Model):
         return o.reshape(n, -1) @ w.wo  # [n, H*D] @ [H*D, E] -> [n, E]
 
     def head(self, x: Any) -> Any:
-        logits = self.lm_head(rms_norm(x, self.final_norm, self.config.rms_norm_eps), self.row_blocks)
+        final_norm, lm_head = self.ends.norm_and_head()
+        logits = lm_head(rms_norm(x, final_norm, self.config.rms_norm_eps), self.row_blocks)
         return logits / self.logits_scaling

@@ -20,12 +20,13 @@ from typing import Any
 import numpy as np
 
 from statemesh.memory import AttentionSpec, Backend, MemorySpec, MicroBatch
-from statemesh.worker.architectures.model import Model
+from statemesh.worker.architectures.model import CountedWeights, EndWeights, Model
 from statemesh.worker.kernels.attention import attend
 from statemesh.worker.kernels.nn import Weights, rms_norm, silu, times, times_out_in
 from statemesh.worker.kernels.rope import Rope
 from statemesh.worker.kernels.row_blocks import RowBlocks
 from statemesh.worker.loading.config import ModelConfig
+from statemesh.worker.loading.tensor_selection import layer_range
 from statemesh.worker.loading.tokenizer import Tokenizer
 
 PART_COPIES_MAX_BYTES = 2 << 30  # the most that [out, in] copies of the projections may take (`runs_in_parts`)
@@ -48,17 +49,25 @@ class LlamaLayer:
 
 
 class LlamaModel(Model):
-    def __init__(self, config: ModelConfig, tensors: dict[str, np.ndarray], tokenizer: Tokenizer, backend: Backend):
+    def __init__(
+        self,
+        config: ModelConfig,
+        tensors: dict[str, np.ndarray],
+        tokenizer: Tokenizer,
+        backend: Backend,
+        layers: range | None = None,
+    ):
         self.config = config
         self.tokenizer = tokenizer
         self.backend = backend
-        weights = Weights(tensors, backend)
+        self.held = layer_range(layers, config.n_layers)
+        weights = CountedWeights(tensors, backend)
         c = config
-        self.embedding, self.lm_head = weights.embedding_and_head(  # [V, E], the head
-            "model.embed_tokens.weight", c.vocab_size, c.hidden_size, c.tie_word_embeddings
+        self.ends = EndWeights.load(
+            weights, c, self.held, "model.embed_tokens.weight", "model.norm.weight", c.tie_word_embeddings
         )
-        self.final_norm = weights.put(weights.get("model.norm.weight", (c.hidden_size,)))
-        self.layers = [self._layer(weights, i) for i in range(c.n_layers)]
+        self.layers = {i: self._layer(weights, i) for i in self.held}
+        self.weight_bytes = weights.nbytes
         self.rope = Rope.build(c.head_dim, c.rope_theta, c.rope_scaling)
         self.scale = c.head_dim**-0.5
 
@@ -108,7 +117,7 @@ class LlamaModel(Model):
         return self.rope.k_shift(layer, k, delta)
 
     def embed(self, tokens: np.ndarray) -> Any:
-        return self.embedding[self.backend.index(tokens)]  # [n] -> [n, E]
+        return self.ends.token_embedding()[self.backend.index(tokens)]  # [n] -> [n, E]
 
     def prepare(self, ub: MicroBatch) -> tuple[Any, Any]:
         return self.rope.cos_sin(ub.positions, self.backend.xp)  # the same for every layer
@@ -138,4 +147,5 @@ class LlamaModel(Model):
         return x
 
     def head(self, x: Any) -> Any:
-        return self.lm_head(rms_norm(x, self.final_norm, self.config.rms_norm_eps), self.row_blocks)  # [n, E] -> [n, V]
+        final_norm, lm_head = self.ends.norm_and_head()
+        return lm_head(rms_norm(x, final_norm, self.config.rms_norm_eps), self.row_blocks)  # [n, E] -> [n, V]

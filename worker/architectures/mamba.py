@@ -8,31 +8,40 @@ from typing import Any
 import numpy as np
 
 from statemesh.memory import Backend, MemorySpec, MicroBatch
-from statemesh.worker.architectures.model import Model
-from statemesh.worker.architectures.ssm import Mamba1Mixer, Mamba2Dims, Mamba2Mixer, json_float
+from statemesh.worker.architectures.model import CountedWeights, EndWeights, Model
+from statemesh.worker.architectures.ssm import Mamba1Dims, Mamba1Mixer, Mamba2Dims, Mamba2Mixer, json_float
 from statemesh.worker.kernels.nn import Weights, rms_norm
 from statemesh.worker.loading.config import ModelConfig
+from statemesh.worker.loading.tensor_selection import layer_range
 from statemesh.worker.loading.tokenizer import Tokenizer
 
 
 class MambaModel(Model):
-    def __init__(self, config: ModelConfig, tensors: dict[str, np.ndarray], tokenizer: Tokenizer, backend: Backend):
+    def __init__(
+        self,
+        config: ModelConfig,
+        tensors: dict[str, np.ndarray],
+        tokenizer: Tokenizer,
+        backend: Backend,
+        layers: range | None = None,
+    ):
         self.config, self.tokenizer, self.backend = config, tokenizer, backend
-        raw, e = config.extra, config.hidden_size
-        w = Weights(tensors, backend)
-        self.embedding, self.lm_head = w.embedding_and_head(
-            "backbone.embeddings.weight", config.vocab_size, e, config.tie_word_embeddings
+        self.held = layer_range(layers, config.n_layers)
+        e = config.hidden_size
+        w = CountedWeights(tensors, backend)
+        self.ends = EndWeights.load(
+            w, config, self.held, "backbone.embeddings.weight", "backbone.norm_f.weight", config.tie_word_embeddings
         )
-        self.final_norm = w.put(w.get("backbone.norm_f.weight", (e,)))
-        self.norms = [w.put(w.get(f"backbone.layers.{i}.norm.weight", (e,))) for i in range(config.n_layers)]
-        self.mixers = [self._mixer(w, raw, f"backbone.layers.{i}.mixer.") for i in range(config.n_layers)]
+        self.dims = self._dims(config.extra)  # every layer's mixer has these
+        self.norms = {i: w.put(w.get(f"backbone.layers.{i}.norm.weight", (e,))) for i in self.held}
+        self.mixers = {i: self._mixer(w, f"backbone.layers.{i}.mixer.") for i in self.held}
+        self.weight_bytes = w.nbytes
 
-    def _mixer(self, w: Weights, raw: dict[str, Any], prefix: str) -> Mamba1Mixer | Mamba2Mixer:
-        e = self.config.hidden_size
+    def _dims(self, raw: dict[str, Any]) -> Mamba1Dims | Mamba2Dims:
         n_state, conv_k = int(raw["state_size"]), int(raw["conv_kernel"])
         if self.config.architecture == "mamba2":
             low, high = raw.get("time_step_limit", (0.0, float("inf")))
-            dims = Mamba2Dims(
+            return Mamba2Dims(
                 n_heads=int(raw["num_heads"]),
                 head_width=int(raw["head_dim"]),
                 groups=int(raw["n_groups"]),
@@ -41,15 +50,21 @@ class MambaModel(Model):
                 eps=self.config.rms_norm_eps,
                 dt_limit=(json_float(low), json_float(high)),
             )
-            return Mamba2Mixer.load(w, prefix, e, dims)
-        inner = int(raw.get("intermediate_size") or int(raw["expand"] * e))
-        return Mamba1Mixer.load(w, prefix, e, inner, n_state, int(raw["time_step_rank"]), conv_k)
+        inner = int(raw.get("intermediate_size") or int(raw["expand"] * self.config.hidden_size))
+        return Mamba1Dims(inner, n_state, int(raw["time_step_rank"]), conv_k)
+
+    def _mixer(self, w: Weights, prefix: str) -> Mamba1Mixer | Mamba2Mixer:
+        e = self.config.hidden_size
+        if isinstance(self.dims, Mamba2Dims):
+            return Mamba2Mixer.load(w, prefix, e, self.dims)
+        return Mamba1Mixer.load(w, prefix, e, self.dims)
 
     def memory_spec(self) -> MemorySpec:
-        return MemorySpec(tuple(m.state_spec for m in self.mixers), model=self.config.name or self.config.architecture)
+        layers = tuple(self.dims.state_spec for _ in range(self.config.n_layers))
+        return MemorySpec(layers, model=self.config.name or self.config.architecture)
 
     def embed(self, tokens: np.ndarray) -> Any:
-        return self.embedding[self.backend.index(tokens)]
+        return self.ends.token_embedding()[self.backend.index(tokens)]
 
     def block(self, layer: int, x: Any, ub: MicroBatch, shared: Any, keep: Any = None) -> Any:
         s, t = len(ub.seqs), ub.n_seq_tokens
@@ -61,4 +76,5 @@ class MambaModel(Model):
         return x if keep is None else x[keep]  # a mixer alone: nothing after it to spare
 
     def head(self, x: Any) -> Any:
-        return self.lm_head(rms_norm(x, self.final_norm, self.config.rms_norm_eps), self.row_blocks)
+        final_norm, lm_head = self.ends.norm_and_head()
+        return lm_head(rms_norm(x, final_norm, self.config.rms_norm_eps), self.row_blocks)

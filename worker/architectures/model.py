@@ -4,18 +4,25 @@ An architecture supplies three pieces — `embed` (token ids -> hidden), `block`
 micro-batch) and `head` (hidden -> logits) — and its `MemorySpec`. Everything else is here: running
 a batch through memory micro-batch by micro-batch, pipeline shards by layer range, and the checks of
 the input (token ids, logits flags) before memory changes.
+
+A model may hold only some layers' weights (`held`: a pipeline stage's, `load_model(layers=...)`).
+An architecture then builds those layers alone, in dicts by layer id, and the ends only where it
+holds them (`EndWeights`); everything model-wide (config, memory spec, k_shift) stays the whole
+model's, so a stage's memory is the whole spec restricted to its layers (`create_memory(layers=...)`).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
 import numpy as np
 
 from statemesh.memory import Backend, Batch, Memory, MemorySpec, MicroBatch, create_memory
-from statemesh.worker.errors import InvalidTokens
+from statemesh.worker.errors import InvalidTokens, ModelError
+from statemesh.worker.kernels.nn import LMHead, Weights
 from statemesh.worker.kernels.row_blocks import RowBlocks
 from statemesh.worker.kernels.threads import Threads
 from statemesh.worker.loading.config import ModelConfig
@@ -26,6 +33,8 @@ class Model(ABC):
     config: ModelConfig
     tokenizer: Tokenizer
     backend: Backend
+    held: range  # the layers whose weights it holds: all, or a pipeline stage's [first, end)
+    weight_bytes: int  # what those weights (and the ends it holds) take on its backend
 
     @property
     def n_layers(self) -> int:
@@ -81,6 +90,12 @@ class Model(ABC):
         """Layers [first, end) as one pipeline stage (embedding on the first, head on the last)."""
         if not 0 <= first < end <= self.n_layers:
             raise ValueError(f"a shard covers layers [first, end) within 0 .. {self.n_layers}, got [{first}, {end})")
+        held = self.held
+        if not held.start <= first < end <= held.stop:
+            raise ValueError(
+                f"a shard of layers [{first}, {end}) needs weights this model does not hold: it was loaded with "
+                f"layers [{held.start}, {held.stop}) of {self.n_layers}"
+            )
         return Shard(self, first, end)
 
     # ---- what an architecture implements ----------------------------------------------------------
@@ -104,6 +119,64 @@ class Model(ABC):
     @abstractmethod
     def head(self, x: Any) -> Any:
         """hidden [n, E] -> float32 logits [n, vocab] (final norm included)."""
+
+
+class CountedWeights(Weights):
+    """`Weights` that count the bytes they put on the backend: what the model built from them holds."""
+
+    def __init__(self, tensors: dict[str, np.ndarray], backend: Backend):
+        super().__init__(tensors, backend)
+        self.nbytes = 0
+
+    def put(self, t: np.ndarray, aside: bool = False) -> Any:
+        out = super().put(t, aside)
+        self.nbytes += int(out.nbytes)
+        return out
+
+
+@dataclass(frozen=True)
+class EndWeights:
+    """The weights outside the layers, which the pipeline stages at either end hold: the token
+    embedding (before layer 0; `embed`) and the final norm and vocabulary head (after the last
+    layer; `head`). None where the model does not hold them."""
+
+    held: range
+    n_layers: int
+    embedding: Any | None  # [V, E]
+    final_norm: Any | None  # [E]
+    lm_head: LMHead | None
+
+    @staticmethod
+    def load(w: Weights, config: ModelConfig, held: range, embedding: str, final_norm: str, tied: bool) -> EndWeights:
+        """The ends that layers `held` need, from the tensors named `embedding` and `final_norm` (and
+        lm_head.weight unless `tied` or the checkpoint has none: then the head is the embedding)."""
+        v, e = config.vocab_size, config.hidden_size
+        first, last = held.start == 0, held.stop == config.n_layers
+        table, head = None, None
+        if first and last:
+            table, head = w.embedding_and_head(embedding, v, e, tied)  # a tied head shares the table
+        elif first:
+            table = w.put(w.get(embedding, (v, e)))
+        elif last:  # the head alone: a tied one from the embedding's tensor
+            weight = w.get(embedding if tied or "lm_head.weight" not in w.tensors else "lm_head.weight", (v, e))
+            head = LMHead(w.put(weight), w.put(weight.T))
+        norm = w.put(w.get(final_norm, (e,))) if last else None
+        return EndWeights(held, config.n_layers, table, norm, head)
+
+    def token_embedding(self) -> Any:
+        if self.embedding is None:
+            raise ModelError(f"the token embedding is held by the stage of layer 0; {self._holding}")
+        return self.embedding
+
+    def norm_and_head(self) -> tuple[Any, LMHead]:
+        if self.final_norm is None or self.lm_head is None:
+            last = self.n_layers - 1
+            raise ModelError(f"the final norm and head are held by the stage of layer {last}; {self._holding}")
+        return self.final_norm, self.lm_head
+
+    @property
+    def _holding(self) -> str:
+        return f"this model holds layers [{self.held.start}, {self.held.stop}) of {self.n_layers}"
 
 
 # Sequences per part. Below the least, a part's products stream all of the weights for too few rows

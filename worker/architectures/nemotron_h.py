@@ -15,13 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from statemesh.memory import AttentionSpec, Backend, MemorySpec, MicroBatch
-from statemesh.worker.architectures.model import Model
+from statemesh.memory import AttentionSpec, Backend, MemorySpec, MicroBatch, RecurrentSpec
+from statemesh.worker.architectures.model import CountedWeights, EndWeights, Model
 from statemesh.worker.architectures.ssm import Mamba2Dims, Mamba2Mixer
 from statemesh.worker.errors import UnknownArchitecture
 from statemesh.worker.kernels.attention import attend
 from statemesh.worker.kernels.nn import Weights, rms_norm, xp_of
 from statemesh.worker.loading.config import ModelConfig
+from statemesh.worker.loading.tensor_selection import layer_range
 from statemesh.worker.loading.tokenizer import Tokenizer
 
 PATTERN = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
@@ -51,16 +52,24 @@ class SquaredReluMLP:
 
 
 class NemotronHModel(Model):
-    def __init__(self, config: ModelConfig, tensors: dict[str, np.ndarray], tokenizer: Tokenizer, backend: Backend):
+    def __init__(
+        self,
+        config: ModelConfig,
+        tensors: dict[str, np.ndarray],
+        tokenizer: Tokenizer,
+        backend: Backend,
+        layers: range | None = None,
+    ):
         self.config, self.tokenizer, self.backend = config, tokenizer, backend
+        self.held = layer_range(layers, config.n_layers)
         raw, c = config.extra, config
-        w = Weights(tensors, backend)
-        # checkpoints name the stack "backbone"; transformers 5 calls it "model" in memory
-        self.prefix = "backbone." if "backbone.embeddings.weight" in tensors else "model."
-        self.embedding, self.lm_head = w.embedding_and_head(
-            self.prefix + "embeddings.weight", c.vocab_size, c.hidden_size, c.tie_word_embeddings
+        w = CountedWeights(tensors, backend)
+        # checkpoints name the stack "backbone"; transformers 5 calls it "model" in memory (any
+        # tensor tells: a middle stage has no embedding)
+        self.prefix = "backbone." if any(name.startswith("backbone.") for name in tensors) else "model."
+        self.ends = EndWeights.load(
+            w, c, self.held, self.prefix + "embeddings.weight", self.prefix + "norm_f.weight", c.tie_word_embeddings
         )
-        self.final_norm = w.put(w.get(self.prefix + "norm_f.weight", (c.hidden_size,)))
         self.types = block_types(raw, c.n_layers)
         if "moe" in self.types:
             raise UnknownArchitecture("Nemotron-H mixture-of-experts layers ('E') are not supported yet")
@@ -73,8 +82,9 @@ class NemotronHModel(Model):
             eps=c.rms_norm_eps,
             dt_limit=(float(raw["time_step_min"]), float("inf")),
         )
-        self.norms = [w.put(w.get(f"{self.prefix}layers.{i}.norm.weight", (c.hidden_size,))) for i in range(c.n_layers)]
-        self.mixers = [self._mixer(w, i, t) for i, t in enumerate(self.types)]
+        self.norms = {i: w.put(w.get(f"{self.prefix}layers.{i}.norm.weight", (c.hidden_size,))) for i in self.held}
+        self.mixers = {i: self._mixer(w, i, self.types[i]) for i in self.held}
+        self.weight_bytes = w.nbytes
         self.scale = c.head_dim**-0.5
 
     def _mixer(self, w: Weights, i: int, kind: str) -> Any:
@@ -92,16 +102,15 @@ class NemotronHModel(Model):
 
     def memory_spec(self) -> MemorySpec:
         c = self.config
-        layers = []
-        for kind, mixer in zip(self.types, self.mixers, strict=True):
-            if kind == "mamba":
-                layers.append(mixer.state_spec)
-            else:
-                layers.append(AttentionSpec(c.n_kv_heads, c.head_dim) if kind == "attention" else None)
-        return MemorySpec(tuple(layers), model=c.name or c.architecture)
+        specs: dict[str, AttentionSpec | RecurrentSpec | None] = {
+            "mamba": self.dims.state_spec,
+            "attention": AttentionSpec(c.n_kv_heads, c.head_dim),
+            "mlp": None,
+        }
+        return MemorySpec(tuple(specs[kind] for kind in self.types), model=c.name or c.architecture)
 
     def embed(self, tokens: np.ndarray) -> Any:
-        return self.embedding[self.backend.index(tokens)]
+        return self.ends.token_embedding()[self.backend.index(tokens)]
 
     def block(self, layer: int, x: Any, ub: MicroBatch, shared: Any, keep: Any = None) -> Any:
         c, kind, mixer = self.config, self.types[layer], self.mixers[layer]
@@ -129,4 +138,5 @@ class NemotronHModel(Model):
         return x + o.reshape(n, o.shape[1] * o.shape[2]) @ wo  # [n, H*D] @ [H*D, E] -> [n, E]
 
     def head(self, x: Any) -> Any:
-        return self.lm_head(rms_norm(x, self.final_norm, self.config.rms_norm_eps), self.row_blocks)
+        final_norm, lm_head = self.ends.norm_and_head()
+        return lm_head(rms_norm(x, final_norm, self.config.rms_norm_eps), self.row_blocks)

@@ -69,6 +69,21 @@ def _optional(w: Weights, name: str, shape: tuple[int, ...]) -> Any | None:
 
 
 @dataclass(frozen=True)
+class Mamba1Dims:
+    inner: int  # I
+    n_state: int  # N
+    dt_rank: int  # R
+    conv_k: int  # K
+    norm_eps: float = 0.0  # of Jamba's dt/B/C norms
+
+    @property
+    def state_spec(self) -> RecurrentSpec:
+        """What each layer of these dims keeps per sequence (known from the config alone, so a model
+        that holds some layers still knows every layer's)."""
+        return RecurrentSpec((self.inner, self.conv_k - 1), (self.inner, self.n_state))
+
+
+@dataclass(frozen=True)
 class Mamba1Mixer:
     inner: int  # I
     n_state: int  # N
@@ -90,12 +105,10 @@ class Mamba1Mixer:
     norm_eps: float = 0.0
 
     @staticmethod
-    def load(
-        w: Weights, m: str, hidden: int, inner: int, n_state: int, dt_rank: int, conv_k: int, norm_eps: float = 0.0
-    ) -> Mamba1Mixer:
+    def load(w: Weights, m: str, hidden: int, dims: Mamba1Dims) -> Mamba1Mixer:
         """The mixer whose tensors are named `m` + "in_proj.weight", ... (with Jamba's
         dt/b/c_layernorm when the checkpoint has them)."""
-        e, i, n, r, k = hidden, inner, n_state, dt_rank, conv_k
+        e, i, n, r, k = hidden, dims.inner, dims.n_state, dims.dt_rank, dims.conv_k
         return Mamba1Mixer(
             inner=i, n_state=n, dt_rank=r, conv_k=k,
             w_in=w.put(w.get(m + "in_proj.weight", (2 * i, e)).T),
@@ -110,12 +123,8 @@ class Mamba1Mixer:
             dt_norm=_optional(w, m + "dt_layernorm.weight", (r,)),
             b_norm=_optional(w, m + "b_layernorm.weight", (n,)),
             c_norm=_optional(w, m + "c_layernorm.weight", (n,)),
-            norm_eps=norm_eps,
+            norm_eps=dims.norm_eps,
         )  # fmt: skip
-
-    @property
-    def state_spec(self) -> RecurrentSpec:
-        return RecurrentSpec((self.inner, self.conv_k - 1), (self.inner, self.n_state))
 
     def __call__(self, h: Any, conv_state: Any, ssm_state: Any) -> tuple[Any, Any, Any]:
         """h [S, T, E], states as stored -> (out [S, T, E], new conv state, new SSM state)."""
@@ -172,6 +181,11 @@ class Mamba2Dims:
     def conv_channels(self) -> int:  # C = I + 2GN
         return self.inner + 2 * self.groups * self.n_state
 
+    @property
+    def state_spec(self) -> RecurrentSpec:
+        """What each layer of these dims keeps per sequence (from the config alone, as Mamba-1's)."""
+        return RecurrentSpec((self.conv_channels, self.conv_k - 1), (self.n_heads, self.head_width, self.n_state))
+
 
 @dataclass(frozen=True)
 class Mamba2Mixer:
@@ -217,11 +231,6 @@ class Mamba2Mixer:
             b_out=_optional(w, m + "out_proj.bias", (e,)),
             norm_before_gate=norm_before_gate,
         )  # fmt: skip
-
-    @property
-    def state_spec(self) -> RecurrentSpec:
-        d = self.dims
-        return RecurrentSpec((d.conv_channels, d.conv_k - 1), (d.n_heads, d.head_width, d.n_state))
 
     def __call__(self, h: Any, conv_state: Any, ssm_state: Any) -> tuple[Any, Any, Any]:
         """h [S, T, E], states as stored -> (out [S, T, E], new conv state, new SSM state)."""

@@ -77,6 +77,10 @@ class RequestExists(InvalidInput):
     """A request id that a running or waiting request has already."""
 
 
+class UnknownMigration(InvalidInput):
+    """A migration id with no sequence kept for it here (never started, aborted, or given up for room)."""
+
+
 class SessionExists(InvalidInput):
     """A new session under a name that is taken."""
 
@@ -203,13 +207,15 @@ class Engine:
         self.waiting: list[_Sequence] = []  # by arrival
         self.running: list[_Sequence] = []  # by arrival
         self.free_seqs = list(range(self.config.n_seq_max - 1, -1, -1))
+        self.incoming: dict[str, int] = {}  # migration id -> the sequence id its pre-copy pieces go into
+        self.parked: dict[str, _Sequence] = {}  # detached with park=True: held here until released or reattached
         self._arrivals = itertools.count()
         self.sessions = SessionStore(self.config.session_store_bytes)
         self.latency: dict[str, deque[float]] = {"ttft": deque(maxlen=10_000), "itl": deque(maxlen=10_000)}
         self.counters = {
             "preemptions": 0, "prefill_tokens": 0, "decode_tokens": 0, "tokens_out": 0, "steps": 0,
             "session_hits": 0, "session_tokens_reused": 0, "session_evictions": 0, "session_restores": 0,
-            "swap_outs": 0, "swap_ins": 0, "step_retries": 0, "most_preemptions": 0,
+            "swap_outs": 0, "swap_ins": 0, "step_retries": 0, "most_preemptions": 0, "migrations_given_up": 0,
         }  # fmt: skip
 
     # ---- requests ------------------------------------------------------------------------------
@@ -269,35 +275,132 @@ class Engine:
 
     # ---- moving a running request ----------------------------------------------------------------------
 
-    def detach(self, request_id: str) -> bytes:
+    def detach(self, request_id: str, after: int | None = None, epoch: int | None = None, park: bool = False) -> bytes:
         """Take a running (or waiting) request out of this engine, between two steps, as its portable
         state (`SequenceState`): its memory snapshot, tokens, sampling parameters, sampler (RNG,
         penalty counts), detokenizer and stop-string state. `attach` on any engine of the same model
         continues it with exactly the tokens it would have produced here. Its session, if it has
-        one, leaves with it. UnknownRequest, nothing changed, when no such request runs or waits."""
-        s = next((s for s in (*self.running, *self.waiting) if s.request.id == request_id), None)
-        if s is None:
-            raise UnknownRequest(f"no running or waiting request {request_id!r} here")
+        one, leaves with it. UnknownRequest, nothing changed, when no such request runs or waits.
+
+        After a pre-copy (`precopy`) had sent its cells up to `after` (in `epoch`), the state holds
+        only the piece from there on, unless it was preempted since. With `park`, it stops running
+        but keeps its memory here until `release` (it runs on elsewhere) or `reattach` (it goes on
+        here: the move failed)."""
+        s = self._find(request_id)
         if s.seq is not None:
-            data, fed = self.memory.state_write(s.seq), s.fed
+            pieced = after is not None and after > 0 and epoch == s.preemptions and s.fed >= after
+            data, fed = self.memory.state_write(s.seq, after if pieced else None, None), s.fed
         elif s.swapped is not None:
             data, fed = s.swapped, s.swapped_fed
         else:
             data, fed = b"", 0
         state = SequenceState(tuple(s.tokens()), fed, data, _request_json(s)).encode()
+        (self.running if s in self.running else self.waiting).remove(s)
+        if park:
+            self.parked[request_id] = s
+        else:
+            self._let_go(s)
+        return state
+
+    def _find(self, request_id: str) -> _Sequence:
+        s = next((s for s in (*self.running, *self.waiting) if s.request.id == request_id), None)
+        if s is None:
+            raise UnknownRequest(f"no running or waiting request {request_id!r} here")
+        return s
+
+    def _let_go(self, s: _Sequence) -> None:
+        """Free what a request that left this engine held: its sequence and its session."""
         if s.seq is not None:
             self._release_seq(s.seq)
             s.seq = None
         if s.request.session:
             self.sessions.drop(s.request.session)
-        (self.running if s in self.running else self.waiting).remove(s)
-        return state
 
-    def attach(self, data: Any) -> str:
+    def release(self, request_id: str) -> bool:
+        """A parked request runs elsewhere now: free what it held here. False if none is parked."""
+        s = self.parked.pop(request_id, None)
+        if s is not None:
+            self._let_go(s)
+        return s is not None
+
+    def reattach(self, request_id: str) -> None:
+        """A parked request goes on here (its move failed), from where it stopped."""
+        s = self.parked.pop(request_id, None)
+        if s is None:
+            raise UnknownRequest(f"no parked request {request_id!r} here")
+        bisect.insort(self.running if s.seq is not None else self.waiting, s, key=lambda r: r.arrival)
+
+    # ---- live migration: the pre-copy ------------------------------------------------------------
+
+    def precopy(self, request_id: str, p0: int, epoch: int | None, max_tokens: int) -> tuple[bytes, dict[str, int]]:
+        """A piece of a running request's memory for a live migration, while it keeps running here:
+        its attention cells at positions [p0, p0 + max_tokens) that memory holds (`Memory.state_write`
+        with a range; a piece's size does not depend on how long the sequence is). `epoch` is what
+        the previous piece's answer said: if the request was preempted since (its cells may have been
+        recomputed), the pieces start over from 0. Returns the piece (empty when it holds no memory
+        now: waiting or swapped out) and {"p0", "p1", "epoch", "fed"}."""
+        s = self._find(request_id)
+        if epoch is not None and epoch != s.preemptions:
+            p0 = 0
+        info = {"p0": p0, "p1": p0, "epoch": s.preemptions, "fed": s.fed}
+        if s.seq is None or s.fed <= p0 or max_tokens < 1:
+            return b"", info
+        info["p1"] = min(s.fed, p0 + max_tokens)
+        return self.memory.state_write(s.seq, p0, info["p1"]), info
+
+    def receive(self, migration_id: str, piece: Any) -> None:
+        """Read a pre-copy piece of a request migrating here into the sequence id kept for it (taken
+        at its first piece, evicting idle sessions for one). MemoryFull when there is no room, or a
+        SnapshotError when the piece is bad: the migration's sequence is dropped then, and `attach`
+        with its id refuses (the request goes on where it was)."""
+        seq = self.incoming.get(migration_id)
+        if seq is None:
+            while not self.free_seqs and self._evict_one():
+                pass
+            if not self.free_seqs:
+                raise MemoryFull(f"no free sequence id for incoming migration {migration_id!r}")
+            seq = self.incoming[migration_id] = self.free_seqs.pop()
+        try:
+            if not self._read_state(bytes(piece), seq):
+                raise MemoryFull(f"no room for a piece of incoming migration {migration_id!r} ({self.memory.stats()})")
+        except BaseException:
+            self.abort_incoming(migration_id)
+            raise
+
+    def abort_incoming(self, migration_id: str) -> bool:
+        """Drop what a migration's pieces brought here; False when nothing was kept for it."""
+        seq = self.incoming.pop(migration_id, None)
+        if seq is not None:
+            self._release_seq(seq)
+        return seq is not None
+
+    def _drop_incoming(self) -> bool:
+        """Under memory pressure the oldest incoming pre-copy gives its room first: nothing is lost
+        (its request runs on where it was; that migration fails and says why)."""
+        if not self.incoming:
+            return False
+        self.abort_incoming(next(iter(self.incoming)))
+        self.counters["migrations_given_up"] += 1
+        return True
+
+    def attach(self, data: Any, migration_id: str | None = None) -> str:
         """Continue a request that `detach` took out of an engine of this model; returns its id. It
         joins the queue (as the youngest request) and its state is read back when it is admitted,
         as a swapped-out request's is. RequestExists or a SnapshotError subclass, nothing changed,
-        when its id runs here already or the state is damaged or of another model."""
+        when its id runs here already or the state is damaged or of another model.
+
+        With the `migration_id` whose pre-copy pieces were `receive`d, the state's snapshot is the
+        last piece: it is read into that sequence now and the request runs at the next step.
+        UnknownMigration when no sequence is kept for it; on any refusal that sequence is dropped."""
+        if migration_id is not None:
+            if migration_id not in self.incoming:
+                raise UnknownMigration(
+                    f"no pre-copied sequence for migration {migration_id!r} here (given up for room?)"
+                )
+            try:
+                return self._attach_resident(data, self.incoming[migration_id])
+            finally:
+                self.incoming.pop(migration_id, None)
         state = SequenceState.decode(data, max_bytes=self.memory.max_snapshot_bytes + MAX_HEADER_BYTES)
         if state.request is None:
             raise SnapshotIncompatible("this state is an idle session's, not a running request's (import it instead)")
@@ -310,6 +413,29 @@ class Engine:
             self._check_snapshot(state.snapshot)
             s.swapped, s.swapped_fed = state.snapshot, state.fed
         self.waiting.append(s)
+        return s.request.id
+
+    def _attach_resident(self, data: Any, seq: int) -> str:
+        """`attach` into `seq`, which holds the pre-copied pieces; `seq` is released on refusal."""
+        try:
+            state = SequenceState.decode(data, max_bytes=self.memory.max_snapshot_bytes + MAX_HEADER_BYTES)
+            if state.request is None:
+                raise SnapshotIncompatible("this state is an idle session's, not a running request's")
+            s = self._sequence_from(state)
+            if any(r.request.id == s.request.id for r in (*self.running, *self.waiting)):
+                raise RequestExists(f"request {s.request.id!r} runs here already")
+            if s.request.session and self.sessions.get(s.request.session) is not None:
+                raise SessionExists(f"session {s.request.session!r} exists here already; the request cannot bring it")
+            if not state.snapshot or not self._read_state(state.snapshot, seq):
+                raise MemoryFull(f"no room here for the rest of request {s.request.id!r} ({self.memory.stats()})")
+            if self.memory.seq_pos_max(seq) != state.fed - 1:
+                raise SnapshotCorrupt(f"the migrated memory holds positions up to {self.memory.seq_pos_max(seq)}; "
+                                      f"the request's state says {state.fed} tokens")  # fmt: skip
+        except BaseException:
+            self._release_seq(seq)
+            raise
+        s.seq, s.fed = seq, state.fed
+        bisect.insort(self.running, s, key=lambda r: r.arrival)
         return s.request.id
 
     def _sequence_from(self, state: SequenceState) -> _Sequence:
@@ -491,7 +617,7 @@ class Engine:
                 self.counters["step_retries"] += 1
                 self._unadmit(plan)
                 floor = 0 if plan.decode_tokens else 1  # a step must feed something
-                if self.prefix.evict() or self._evict_one():  # cached prefixes and idle sessions go first
+                if self._drop_incoming() or self.prefix.evict() or self._evict_one():  # what is cheapest goes first
                     continue
                 if plan.prefill_tokens > floor:  # then new requests and prefill chunks, halved
                     prefill_limit = max(floor, plan.prefill_tokens // 2)

@@ -79,11 +79,13 @@ class EngineLoop:
 
         return self.call(add)
 
-    def detach(self, request_id: str) -> Future[bytes]:
+    def detach(
+        self, request_id: str, after: int | None = None, epoch: int | None = None, park: bool = False
+    ) -> Future[bytes]:
         """Take a request out between two steps (`Engine.detach`); its listener gets `Detached`."""
 
         def detach(engine: Engine) -> bytes:
-            state = engine.detach(request_id)
+            state = engine.detach(request_id, after, epoch, park)
             listener = self._listeners.pop(request_id, None)
             if listener is not None:
                 listener(Detached())
@@ -91,15 +93,24 @@ class EngineLoop:
 
         return self.call(detach)
 
-    def attach(self, state: bytes, listener: Callable[[Event], None]) -> Future[str]:
+    def attach(self, state: bytes, listener: Callable[[Event], None], migration_id: str | None = None) -> Future[str]:
         """Continue a detached request here (`Engine.attach`); its events go to `listener`."""
 
         def attach(engine: Engine) -> str:
-            request_id = engine.attach(state)
+            request_id = engine.attach(state, migration_id)
             self._listeners[request_id] = listener
             return request_id
 
         return self.call(attach)
+
+    def reattach(self, request_id: str, listener: Callable[[Event], None]) -> Future[None]:
+        """A parked request goes on here (`Engine.reattach`); its events go to `listener`."""
+
+        def reattach(engine: Engine) -> None:
+            engine.reattach(request_id)
+            self._listeners[request_id] = listener
+
+        return self.call(reattach)
 
     def cancel(self, request_id: str) -> Future[bool]:
         """End a request now; its listener gets the `cancelled` event. False if it is not running."""

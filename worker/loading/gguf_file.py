@@ -16,6 +16,7 @@ import numpy as np
 from statemesh.worker.errors import ModelError, UnknownArchitecture
 from statemesh.worker.loading.config import ModelConfig
 from statemesh.worker.loading.progress import Progress
+from statemesh.worker.loading.tensor_selection import LayerChoice, TensorSelection
 from statemesh.worker.loading.tokenizer import Tokenizer, tokenizer_from_gguf
 
 GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
@@ -57,7 +58,11 @@ def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, d // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def read_gguf(path: Path, progress: bool | None = None) -> tuple[ModelConfig, dict[str, np.ndarray], Tokenizer]:
+def read_gguf(
+    path: Path, progress: bool | None = None, layers: LayerChoice = None
+) -> tuple[ModelConfig, dict[str, np.ndarray], Tokenizer]:
+    """The config, the tensors (only those of model layers `layers` and the ends they need, when
+    given: `TensorSelection`; the others are never dequantized) and the tokenizer."""
     import gguf
 
     try:
@@ -69,13 +74,16 @@ def read_gguf(path: Path, progress: bool | None = None) -> tuple[ModelConfig, di
     if arch not in GGUF_ARCHITECTURES:
         raise UnknownArchitecture(f"GGUF architecture {arch!r}; supported: {sorted(GGUF_ARCHITECTURES)}")
     config = _config(meta, arch, reader)
+    names = {t.name: _hf_name(t.name) for t in reader.tensors}
+    known = {name for name in names.values() if name is not None}
+    selection = TensorSelection.build(layers, config.n_layers, config.tie_word_embeddings, known)
     bar = Progress(f"loading {path.name}", len(reader.tensors), enabled=progress)
     tensors: dict[str, np.ndarray] = {}
     for t in reader.tensors:
-        name = _hf_name(t.name)
+        name = names[t.name]
         bar.advance()
-        if name is None:
-            continue  # e.g. rope_freqs, which the config already describes
+        if name is None or not selection.wants(name):
+            continue  # not ours (another stage's layer), or e.g. rope_freqs, which the config describes
         raw = np.asarray(t.data)
         if t.tensor_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
             raw = raw.view(np.uint8)  # the reader types BF16 as uint16; dequantize wants bytes

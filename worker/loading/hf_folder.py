@@ -12,11 +12,16 @@ import numpy as np
 from statemesh.worker.errors import ModelError
 from statemesh.worker.loading.config import ModelConfig, config_from_hf
 from statemesh.worker.loading.progress import Progress
+from statemesh.worker.loading.tensor_selection import LayerChoice, TensorSelection
 from statemesh.worker.loading.tokenizer import Tokenizer, tokenizer_from_hf
 
 
-def read_hf_folder(path: Path, progress: bool | None = None) -> tuple[ModelConfig, dict[str, np.ndarray], Tokenizer]:
-    from safetensors.numpy import load_file
+def read_hf_folder(
+    path: Path, progress: bool | None = None, layers: LayerChoice = None
+) -> tuple[ModelConfig, dict[str, np.ndarray], Tokenizer]:
+    """The config, the tensors (only those of model layers `layers` and the ends they need, when
+    given: `TensorSelection`; the others are never read) and the tokenizer."""
+    from safetensors import safe_open
 
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -24,11 +29,19 @@ def read_hf_folder(path: Path, progress: bool | None = None) -> tuple[ModelConfi
     raw = _json(config_file)
     config = config_from_hf(raw, name=str(raw.get("_name_or_path") or path.name))
     files = _weight_files(path)
+    names: set[str] = set()
+    for file in files:
+        with safe_open(str(file), framework="numpy") as f:  # reads the header alone
+            names.update(f.keys())
+    selection = TensorSelection.build(layers, config.n_layers, config.tie_word_embeddings, names)
     bar = Progress(f"loading {path.name}", len(files), enabled=progress)
     tensors: dict[str, np.ndarray] = {}
-    for f in files:
-        for name, t in load_file(str(f)).items():
-            tensors[name] = t.astype(np.float32) if t.dtype != np.float32 else t
+    for file in files:
+        with safe_open(str(file), framework="numpy") as f:
+            for name in f.keys():  # noqa: SIM118 (a safetensors file is not a mapping)
+                if selection.wants(name):  # another stage's tensors are never read
+                    t = f.get_tensor(name)
+                    tensors[name] = t.astype(np.float32) if t.dtype != np.float32 else t
         bar.advance()
     tokenizer_json = path / "tokenizer.json"
     if not tokenizer_json.is_file():

