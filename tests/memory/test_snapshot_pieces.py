@@ -39,7 +39,7 @@ def grow(mem: Memory, seq: int, n: int, salt: float = 0.0) -> None:
 
 
 @pytest.mark.parametrize("kind", ALL_KINDS)
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=settings.default.max_examples // 6, deadline=None)
 @given(
     prompt=st.integers(1, 20),
     rounds=st.lists(st.tuples(st.integers(1, 12), st.integers(0, 4)), max_size=4),

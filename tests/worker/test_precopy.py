@@ -54,7 +54,7 @@ def same(got: list[TokenEvent], want: list[TokenEvent]) -> None:
 
 
 @pytest.mark.parametrize("name", KINDS)
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=settings.default.max_examples // 25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     start=st.integers(0, 12),
     rounds=st.lists(st.tuples(st.integers(1, 40), st.integers(0, 3)), min_size=1, max_size=4),

@@ -231,6 +231,11 @@ class Engine:
             raise RequestRefused(
                 f"request {request.id}: token ids {bad[:5]} are outside the vocabulary 0 .. {vocab - 1}"
             )
+        stops = [t for t in request.params.stop_token_ids if not 0 <= t < vocab]
+        if stops:
+            raise RequestRefused(
+                f"request {request.id}: stop_token_ids {stops[:5]} are outside the vocabulary 0 .. {vocab - 1}"
+            )
         need = len(prompt) + request.params.max_tokens
         if self.has_attention and need > self.config.n_ctx:
             raise PromptTooLong(
