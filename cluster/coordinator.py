@@ -418,6 +418,12 @@ class Coordinator:
         replica = self.session_replica(session_id)
         return bytes(await _unwrapped(replica.engine.export_session.remote(session_id)))
 
+    def max_import_bytes(self) -> int:
+        """The largest session state any live replica would read: an import stream past it is
+        refused as it arrives, before the server holds more of it."""
+        caps = [r.workers[0].max_state_bytes for r in self.replicas if r.state in ("ready", "draining") and r.workers]
+        return max(caps, default=0)
+
     async def import_session(self, data: bytes, session_id: str | None, replica_id: str | None) -> SessionView:
         """An exported session, on a replica of the same model (any split, any device)."""
         session_id = session_id or f"sess-{uuid.uuid4().hex[:16]}"

@@ -234,12 +234,17 @@ class SessionsServicer(pb_grpc.SessionsServicer):
     ) -> pb.Session:
         parts: list[bytes] = []
         session_id, total = None, 0
+        cap = min(MAX_IMPORT_BYTES, self.c.max_import_bytes() or MAX_IMPORT_BYTES)
         async for chunk in request_iterator:
             if not parts and chunk.HasField("session_id"):
                 session_id = chunk.session_id or None
             total += len(chunk.data)
-            if total > MAX_IMPORT_BYTES:
-                await context.abort(Code.RESOURCE_EXHAUSTED, f"a session state is at most {MAX_IMPORT_BYTES} bytes")
+            if total > cap:  # refused as it comes: a stream that never ends holds at most the cap here
+                await context.abort(
+                    Code.RESOURCE_EXHAUSTED,
+                    f"a session state of this model is at most {cap} bytes (its replicas' memory, full); "
+                    "this import is larger: is it a state Sessions/Export gave?",
+                )
             parts.append(chunk.data)
         if total == 0:
             await context.abort(Code.INVALID_ARGUMENT, "the import is empty: stream the chunks Sessions/Export gave")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import ray
@@ -26,6 +26,7 @@ from statemesh.worker.architectures.model import Model
 from statemesh.worker.engine.engine import Engine, EngineConfig, Request, SessionBusy, TokenEvent, UnknownSession
 from statemesh.worker.engine.loop import Detached, EngineFailure, EngineLoop, Event
 from statemesh.worker.engine.sampling import SamplingParams
+from statemesh.worker.engine.sequence_state import MAX_HEADER_BYTES
 from statemesh.worker.errors import InvalidTokens
 from statemesh.worker.loading.loader import load_model
 from statemesh.worker.pipeline import PipelineMemory, PipelineModel, StageWorker, split_layers
@@ -69,6 +70,7 @@ class WorkerInfo:
     vocab_size: int
     n_ctx: int
     weight_bytes: int  # the model weights this worker holds (its layers', and the ends it needs)
+    max_state_bytes: int = 0  # the first stage's: the largest sequence state its engine reads (0: not the first)
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,8 @@ class ShardWorker:
         stats = await self._call(local_stats)
         components = memory_components(stats)
         components["session_store"] = await self._call(lambda e: e.sessions.stored_bytes())
-        return worker_info(self.spec, self.model, stats, components)
+        info = worker_info(self.spec, self.model, stats, components)
+        return replace(info, max_state_bytes=self.engine.memory.max_snapshot_bytes + MAX_HEADER_BYTES)
 
     async def stats(self) -> dict[str, Any]:
         return await self._call(lambda e: e.stats())

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from statemesh.cluster import Client
 from statemesh.cluster.client import StatemeshError
+from statemesh.protos.statemesh.v1 import statemesh_pb2 as pb
 from statemesh.worker import Model, load_model
 from statemesh.worker.engine.engine import Engine, EngineConfig, Request
 from statemesh.worker.engine.sampling import SamplingParams
@@ -250,6 +251,20 @@ def test_damaged_forged_oversized_and_foreign_imports_are_refused(client: Client
     for i, (bad, code, says) in enumerate(cases):
         refused(lambda bad=bad, i=i: client.import_session(bad, f"bad-{i}"), code, says)
     refused(lambda: client.import_session(b"", "empty"), Code.INVALID_ARGUMENT, "empty")
+
+
+@pytest.mark.usefixtures("unchanged")
+def test_an_import_stream_that_never_ends_is_cut_at_the_largest_state_the_model_has(client: Client) -> None:
+    """The server stops reading at the cap (the replicas' memory, full), not at the stream's end."""
+
+    def endless() -> Iterator[pb.SnapshotChunk]:
+        yield pb.SnapshotChunk(data=b"SMSTATE\n" + bytes((1 << 20) - 8), session_id="endless")
+        while True:
+            yield pb.SnapshotChunk(data=bytes(1 << 20))
+
+    with pytest.raises(grpc.RpcError) as e:
+        client.sessions.Import(endless(), timeout=60)
+    assert e.value.code() == Code.RESOURCE_EXHAUSTED and "at most" in (e.value.details() or "")
 
 
 MUTATIONS = st.one_of(
