@@ -16,18 +16,26 @@ from statemesh.worker.engine.engine import EngineConfig
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from statemesh.cluster.ray_cluster import RayOptions
-    from statemesh.cluster.service import ServiceConfig, run_service
+    from statemesh.cluster.ray_cluster import PlacementError, RayOptions
+    from statemesh.cluster.service import ServiceConfig, parse_backends, run_service
     from statemesh.worker.loading.loader import default_model_path
 
     model = args.model or str(default_model_path())
     engine = EngineConfig(n_ctx=args.n_ctx, n_seq_max=args.max_seqs)
-    config = ServiceConfig(
-        model_path=os.path.abspath(model), replicas=args.replicas, stages=args.stages, host=args.host,
-        port=args.port, backend=args.backend, engine=engine,
-        ray=RayOptions(address=args.ray_address, num_cpus=args.num_cpus),
-    )  # fmt: skip
-    asyncio.run(run_service(config))
+    try:
+        config = ServiceConfig(
+            model_path=os.path.abspath(model), replicas=args.replicas, stages=args.stages, host=args.host,
+            port=args.port, backends=parse_backends(args.backend), engine=engine,
+            ray=RayOptions(address=args.ray_address, num_cpus=args.num_cpus),
+        )  # fmt: skip
+    except ValueError as e:
+        print(f"statemesh serve: {e}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(run_service(config))
+    except PlacementError as e:  # the cluster cannot hold the replicas asked for: say so, no traceback
+        print(f"statemesh serve: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -79,7 +87,14 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--num-cpus", type=int, help="CPUs of the embedded Ray cluster (default: the machine's)")
     serve.add_argument("--n-ctx", type=int, default=4096, help="token cells of each replica's KV cache")
     serve.add_argument("--max-seqs", type=int, default=32, help="sequences each replica runs at once")
-    serve.add_argument("--backend", choices=["auto", "numpy", "cupy"], default="numpy")
+    serve.add_argument(
+        "--backend",
+        default="numpy",
+        help="array backend of the replicas' workers: auto, numpy or cupy, or a comma-separated list with one per "
+        "replica (e.g. --replicas 2 --backend cupy,numpy: r0 on a GPU, r1 on the CPU). A cupy replica reserves "
+        "one GPU (shared by its stages); auto takes cupy when the Ray cluster has a GPU free, numpy otherwise "
+        "(default: numpy)",
+    )
     serve.set_defaults(run=_serve)
 
     gen = sub.add_parser("generate", help="stream a prompt's continuation from a running server")

@@ -11,6 +11,7 @@ is imported (the worker settings of `statemesh.worker.runtime` must be).
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,11 @@ from statemesh.worker.shard_actor import ShardActor, ShardSpec, StageActor
 
 LOOPBACK = "127.0.0.1"
 PLACEMENT_TIMEOUT_S = 120.0
+
+
+class PlacementError(RuntimeError):
+    """The Ray cluster cannot hold a replica's workers (too few CPUs or GPUs); says what was asked
+    for and what the cluster has."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,18 @@ class Placement:
     actors: list[Any]
 
 
+def gpu_counts() -> tuple[float, float]:
+    """(GPUs the Ray cluster has, GPUs free now)."""
+    return float(ray.cluster_resources().get("GPU", 0.0)), float(ray.available_resources().get("GPU", 0.0))
+
+
+def gpus_per_worker(n_stages: int) -> float:
+    """A GPU replica's one GPU, split evenly across its stages' workers, rounded down to Ray's
+    resource granularity (1e-4) so that the shares never add up to more than the whole GPU:
+    2 stages -> 0.5 each, 3 -> 0.3333 each."""
+    return math.floor(10_000 / max(n_stages, 1)) / 10_000
+
+
 def cpus_per_worker(n_workers: int) -> float:
     """An even share of the cluster's CPUs for each of `n_workers` workers (at most 1, at least
     0.01): Ray's CPU counts only place workers, and every worker's threads use every core."""
@@ -72,7 +90,8 @@ def cpus_per_worker(n_workers: int) -> float:
 async def place_replica(specs: list[ShardSpec], cpus: float, gpus: float = 0.0) -> Placement:
     """Start a replica's workers, one per spec (a pipeline's stages, in order), packed on one node
     where they fit; returns once each has loaded its model. The later stages start first: the
-    first, which runs the engine, is given their handles."""
+    first, which runs the engine, is given their handles. `gpus` is each worker's share of a GPU:
+    Ray reserves it in the placement group and sets CUDA_VISIBLE_DEVICES for the worker."""
     bundle: dict[str, float] = {"CPU": cpus}
     if gpus:
         bundle["GPU"] = gpus
@@ -100,7 +119,7 @@ async def _ready(group: PlacementGroup) -> None:
     try:
         await asyncio.wait_for(group.ready(), PLACEMENT_TIMEOUT_S)
     except TimeoutError:
-        raise RuntimeError(
+        raise PlacementError(
             f"the cluster has no room for a replica's workers ({group.bundle_specs}) after {PLACEMENT_TIMEOUT_S:.0f} s"
         ) from None
 

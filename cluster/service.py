@@ -6,6 +6,7 @@ embedded cluster shut down. Prints the ready line of API.md once everything serv
 from __future__ import annotations
 
 import asyncio
+import math
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from statemesh.worker.engine.engine import EngineConfig
 from statemesh.worker.shard_actor import ShardSpec
 
 STOP_GRACE_S = 5.0
+BACKENDS = ("auto", "numpy", "cupy")
 
 
 @dataclass(frozen=True)
@@ -27,24 +29,79 @@ class ServiceConfig:
     stages: int = 1
     host: str = "127.0.0.1"
     port: int = 50051
-    backend: str = "numpy"
+    # the array backend of each replica's workers: one for every replica, or one per replica (r0,
+    # r1, ...); "cupy" reserves a GPU for the replica, "auto" takes cupy when the cluster has a GPU free
+    backends: tuple[str, ...] = ("numpy",)
     engine: EngineConfig = field(default_factory=EngineConfig)
     ray: ray_cluster.RayOptions = field(default_factory=ray_cluster.RayOptions)
     max_in_flight: int = 256  # requests a replica takes before RESOURCE_EXHAUSTED
 
+    def __post_init__(self) -> None:
+        unknown = [b for b in self.backends if b not in BACKENDS]
+        if unknown:
+            raise ValueError(f"--backend {','.join(self.backends)}: unknown backend {unknown[0]!r}; expected "
+                             f"one of {', '.join(BACKENDS)}, or a comma-separated list of them")  # fmt: skip
+        if len(self.backends) not in (1, self.replicas):
+            raise ValueError(
+                f"--backend lists {len(self.backends)} backends ({','.join(self.backends)}) for {self.replicas} "
+                f"replicas; give one backend for every replica, or exactly one per replica"
+            )
+
+    def requested_backends(self) -> tuple[str, ...]:
+        """One backend per replica, as asked for ("auto" not yet resolved)."""
+        return self.backends * self.replicas if len(self.backends) == 1 else self.backends
+
+
+def parse_backends(text: str) -> tuple[str, ...]:
+    """`--backend cupy,numpy` -> ("cupy", "numpy"); ServiceConfig checks the values and the count."""
+    return tuple(part.strip() for part in text.split(","))
+
+
+def resolve_backends(requested: tuple[str, ...], gpus_total: float, gpus_free: float) -> tuple[str, ...]:
+    """Each replica's backend, "auto" made concrete: a cupy replica takes one whole GPU, and an
+    "auto" one becomes cupy while a GPU is left free after the cupy ones, numpy after that.
+    Raises PlacementError when the cupy replicas need more GPUs than the cluster has at all (the
+    placement group would wait for them forever). E.g. (auto, cupy, auto) with 2 GPUs free ->
+    (cupy, cupy, numpy)."""
+    wanted = [f"r{i}" for i, backend in enumerate(requested) if backend == "cupy"]
+    if len(wanted) > gpus_total:
+        raise ray_cluster.PlacementError(
+            f"--backend puts {len(wanted)} replica(s) ({', '.join(wanted)}) on cupy, each needing 1 GPU, but the "
+            f"Ray cluster has {gpus_total:g} GPUs; use --backend numpy (or auto) for them, or join a cluster "
+            f"with GPUs (--ray-address)"
+        )
+    spare = math.floor(gpus_free) - len(wanted)
+    resolved = []
+    for backend in requested:
+        if backend == "auto":
+            backend = "cupy" if spare >= 1 else "numpy"
+            spare -= backend == "cupy"
+        resolved.append(backend)
+    return tuple(resolved)
+
 
 async def start_replicas(config: ServiceConfig) -> list[Replica]:
-    """Every replica's workers, started side by side; each returns once its model is loaded."""
+    """Every replica's workers, started side by side; each returns once its model is loaded. If
+    one fails, the others are stopped and its error raised."""
+    backends = resolve_backends(config.requested_backends(), *ray_cluster.gpu_counts())
     cpus = ray_cluster.cpus_per_worker(config.replicas * config.stages)
 
     async def one(i: int) -> Replica:
-        specs = [ShardSpec(f"r{i}", config.model_path, config.engine, config.backend, stage, config.stages)
+        specs = [ShardSpec(f"r{i}", config.model_path, config.engine, backends[i], stage, config.stages)
                  for stage in range(config.stages)]  # fmt: skip
-        placement = await ray_cluster.place_replica(specs, cpus)
+        gpus = ray_cluster.gpus_per_worker(config.stages) if backends[i] == "cupy" else 0.0
+        placement = await ray_cluster.place_replica(specs, cpus, gpus)
         workers = [await actor.info.remote() for actor in placement.actors]
         return Replica(f"r{i}", workers[0].model, placement.actors, placement, workers, state="ready")
 
-    return list(await asyncio.gather(*(one(i) for i in range(config.replicas))))
+    started = await asyncio.gather(*(one(i) for i in range(config.replicas)), return_exceptions=True)
+    failed = [r for r in started if isinstance(r, BaseException)]
+    if failed:
+        for r in started:
+            if isinstance(r, Replica):
+                ray_cluster.release(r.placement)
+        raise failed[0]
+    return [r for r in started if isinstance(r, Replica)]
 
 
 async def run_service(config: ServiceConfig, ready_line: bool = True) -> None:

@@ -26,7 +26,7 @@ def test_memory_benchmark_prints_every_measurement() -> None:
 
 
 def test_gpu_check_mirror_runs_on_numpy() -> None:
-    lines = run_json_lines(str(BENCH / "gpu_check.py"), "--device", "numpy", "--no-bench", "--steps", "60")
+    lines = run_json_lines(str(BENCH / "gpu_check.py"), "--device", "numpy", "--parts", "1,2", "--steps", "60")
     mirror = [line for line in lines if line["check"] == "memory_mirror"]
     assert [line["kind"] for line in mirror] == ["kv", "iswa", "recurrent", "hybrid", "hybrid_iswa"]
     assert all(line["ok"] and int(line["batches_committed"]) > 5 for line in mirror)  # type: ignore[call-overload]
