@@ -23,7 +23,15 @@ import ray
 
 from statemesh.memory import Batch
 from statemesh.worker.architectures.model import Model
-from statemesh.worker.engine.engine import Engine, EngineConfig, Request, SessionBusy, TokenEvent, UnknownSession
+from statemesh.worker.engine.engine import (
+    Checkpoint,
+    Engine,
+    EngineConfig,
+    Request,
+    SessionBusy,
+    TokenEvent,
+    UnknownSession,
+)
 from statemesh.worker.engine.loop import Detached, EngineFailure, EngineLoop, Event
 from statemesh.worker.engine.sampling import SamplingParams
 from statemesh.worker.engine.sequence_state import MAX_HEADER_BYTES
@@ -82,6 +90,7 @@ class GenerateOrder:
     prompt: tuple[int, ...]
     params: SamplingParams
     session: str | None = None
+    replay: tuple[int, ...] = ()  # tokens it produced on a worker that died (`Engine.add`)
 
 
 def memory_kind(stats: dict[str, Any]) -> str:
@@ -159,7 +168,7 @@ class ShardWorker:
 
     # ---- requests --------------------------------------------------------------------------------------
 
-    async def generate(self, order: GenerateOrder) -> AsyncIterator[list[TokenEvent]]:
+    async def generate(self, order: GenerateOrder) -> AsyncIterator[list[TokenEvent] | Checkpoint]:
         """Run one request; yields its events, one list per engine step that produced some (more
         when the caller reads slower than the engine steps), the last with the finish reason.
         Raises before the first yield when the request is refused (nothing queued then)."""
@@ -169,11 +178,13 @@ class ShardWorker:
         def listener(batch: Event) -> None:
             loop.call_soon_threadsafe(inbox.put_nowait, batch)
 
-        await asyncio.wrap_future(self.loop.submit(lambda e: self._request(e, order), listener))
+        await asyncio.wrap_future(self.loop.submit(lambda e: self._request(e, order), listener, order.replay))
         async for events in _forward(inbox, order.request_id):
             yield events
 
-    async def resume(self, state: bytes, migration_id: str | None = None) -> AsyncIterator[list[TokenEvent] | int]:
+    async def resume(
+        self, state: bytes, migration_id: str | None = None
+    ) -> AsyncIterator[list[TokenEvent] | Checkpoint | int]:
         """Continue a request another worker detached (its `SequenceState`; after a pre-copy into
         `migration_id`, its last piece); yields the state's size in bytes once it is queued here
         (the handover is done), then its events as `generate` does."""
@@ -188,7 +199,23 @@ class ShardWorker:
         async for events in _forward(inbox, request_id):
             yield events
 
-    async def reattach(self, request_id: str) -> AsyncIterator[list[TokenEvent] | int]:
+    async def recover(
+        self, chain: list[bytes], replay: tuple[int, ...], recovery_id: str
+    ) -> AsyncIterator[list[TokenEvent] | Checkpoint | int]:
+        """Continue a request whose worker died, from its recovery checkpoints and the tokens since
+        (`Engine.recover`); yields 0 once it is queued here, then its events as `generate` does."""
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[Event] = asyncio.Queue()
+
+        def listener(batch: Event) -> None:
+            loop.call_soon_threadsafe(inbox.put_nowait, batch)
+
+        request_id = await asyncio.wrap_future(self.loop.recover(chain, replay, recovery_id, listener))
+        yield 0
+        async for events in _forward(inbox, request_id):
+            yield events
+
+    async def reattach(self, request_id: str) -> AsyncIterator[list[TokenEvent] | Checkpoint | int]:
         """A request parked here by `detach(park=True)` goes on here (its move failed); yields 0 once
         it runs again, then its events as `generate` does."""
         loop = asyncio.get_running_loop()
@@ -290,9 +317,10 @@ class ShardWorker:
         self.loop.stop()
 
 
-async def _forward(inbox: asyncio.Queue[Event], request_id: str) -> AsyncIterator[list[TokenEvent]]:
+async def _forward(inbox: asyncio.Queue[Event], request_id: str) -> AsyncIterator[list[TokenEvent] | Checkpoint]:
     """A request's events from its listener's inbox, as many as have come at each read, until its
-    finish (or until it leaves this engine: `Detached` ends the stream without one)."""
+    finish (or until it leaves this engine: `Detached` ends the stream without one); a recovery
+    checkpoint goes out as an item of its own, after the tokens before it."""
     while True:
         batch = await inbox.get()
         events: list[TokenEvent] = []
@@ -303,13 +331,20 @@ async def _forward(inbox: asyncio.Queue[Event], request_id: str) -> AsyncIterato
                 if events:
                     yield events
                 return
-            events += batch
+            if isinstance(batch, Checkpoint):
+                if events:
+                    yield events
+                    events = []
+                yield batch
+            else:
+                events += batch
             if inbox.empty():
                 break
             batch = inbox.get_nowait()
-        yield events
-        if events[-1].finish_reason is not None:
-            return
+        if events:
+            yield events
+            if events[-1].finish_reason is not None:
+                return
 
 
 def load_stage(spec: ShardSpec) -> Model:

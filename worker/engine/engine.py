@@ -39,7 +39,7 @@ import dataclasses
 import itertools
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +50,7 @@ from statemesh.memory import snapshot as snapshot_format
 from statemesh.memory.errors import InvalidInput, SnapshotCorrupt, SnapshotError, SnapshotIncompatible
 from statemesh.worker.architectures.model import Model
 from statemesh.worker.engine.prefix_cache import PrefixCache
-from statemesh.worker.engine.sampling import Sample, SamplerState, SamplingParams, sample
+from statemesh.worker.engine.sampling import Sample, SamplerState, SamplingParams, sample, skip_draw
 from statemesh.worker.engine.sequence_state import MAX_HEADER_BYTES, SequenceState
 from statemesh.worker.engine.sessions import Session, SessionStore
 from statemesh.worker.engine.stops import StopMatcher
@@ -111,6 +111,7 @@ class EngineConfig:
     prefix_cache_seqs: int = 8  # sequence ids kept for prefix-cache checkpoints (0: no prefix cache)
     prefix_block: int = 16  # tokens per hashed block
     prefix_stride_blocks: int = 4  # with recurrent layers: a checkpoint every this many blocks of a prompt
+    checkpoint_every: int = 0  # a recovery checkpoint of each running request every this many tokens (0: none)
 
     def __post_init__(self) -> None:
         if self.preempt not in ("auto", "swap", "recompute"):
@@ -119,6 +120,8 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise InvalidInput(f"{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
+            raise InvalidInput(f"checkpoint_every must be an integer >= 0, got {self.checkpoint_every!r}")
         if not isinstance(self.max_preemptions, int) or self.max_preemptions < 0:
             raise InvalidInput(f"max_preemptions must be an integer >= 0, got {self.max_preemptions!r}")
 
@@ -143,6 +146,21 @@ class TokenEvent:
     cached_tokens: int | None = None  # on the last event: prompt tokens memory already held (prefix, session)
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """A running request's recovery point (`EngineConfig.checkpoint_every`): its `SequenceState`
+    whose memory snapshot is the piece of its sequence since its previous checkpoint (positions
+    `p0` on; `p0` 0: the whole sequence, and the chain starts anew), taken right after a step that
+    sampled its `n_outputs`-th token. Read in order, a chain restores the request as it was then
+    (`Engine.recover`), on any engine of the model; the tokens it produced since are replayed."""
+
+    request_id: str
+    data: bytes
+    p0: int
+    fed: int
+    n_outputs: int
+
+
 @dataclass
 class _Sequence:
     """A request's run state. Memory must hold prompt + output before the next token can be
@@ -162,6 +180,9 @@ class _Sequence:
     cached: int | None = None  # prompt tokens found in memory when first admitted (prefix cache, session)
     arrived: float = 0.0
     last_token_at: float | None = None
+    checkpointed_fed: int = 0  # what its last recovery checkpoint held: memory up to here,
+    checkpointed_epoch: int = -1  # as of this many preemptions (-1: none taken here yet),
+    checkpointed_outputs: int = 0  # and this many sampled tokens
 
     def tokens(self) -> list[int]:
         return [*self.request.prompt, *self.output]
@@ -209,19 +230,24 @@ class Engine:
         self.free_seqs = list(range(self.config.n_seq_max - 1, -1, -1))
         self.incoming: dict[str, int] = {}  # migration id -> the sequence id its pre-copy pieces go into
         self.parked: dict[str, _Sequence] = {}  # detached with park=True: held here until released or reattached
+        self.checkpoints: list[Checkpoint] = []  # taken by the last steps, for the caller to collect
+        self._restored_in_step: set[str] = set()  # sessions the step in progress brought back into memory
         self._arrivals = itertools.count()
         self.sessions = SessionStore(self.config.session_store_bytes)
         self.latency: dict[str, deque[float]] = {"ttft": deque(maxlen=10_000), "itl": deque(maxlen=10_000)}
         self.counters = {
             "preemptions": 0, "prefill_tokens": 0, "decode_tokens": 0, "tokens_out": 0, "steps": 0,
             "session_hits": 0, "session_tokens_reused": 0, "session_evictions": 0, "session_restores": 0,
-            "swap_outs": 0, "swap_ins": 0, "step_retries": 0, "most_preemptions": 0, "migrations_given_up": 0,
+            "swap_outs": 0, "swap_ins": 0, "step_retries": 0, "most_preemptions": 0,
+            "migrations_given_up": 0, "checkpoints": 0,
         }  # fmt: skip
 
     # ---- requests ------------------------------------------------------------------------------
 
-    def add(self, request: Request) -> None:
-        """Queue a request; RequestRefused, nothing queued, if it can never run."""
+    def add(self, request: Request, replay: tuple[int, ...] = ()) -> None:
+        """Queue a request; RequestRefused, nothing queued, if it can never run. `replay`: tokens it
+        produced before (on a worker that died): taken as its first outputs without being sampled
+        or emitted again (`_replay`), so it goes on from there."""
         prompt = list(request.prompt)
         if not prompt:
             raise RequestRefused(f"request {request.id}: the prompt is empty")
@@ -243,16 +269,16 @@ class Engine:
                 f"= {need} exceeds the context of {self.config.n_ctx} tokens; shorten one of them"
             )
         tokenizer = self.model.tokenizer
-        self.waiting.append(
-            _Sequence(
-                request,
-                SamplerState.start(request.params, prompt),
-                tokenizer.stream(),
-                StopMatcher(request.params.stop),
-                next(self._arrivals),
-                arrived=time.monotonic(),
-            )
+        s = _Sequence(
+            request,
+            SamplerState.start(request.params, prompt),
+            tokenizer.stream(),
+            StopMatcher(request.params.stop),
+            next(self._arrivals),
+            arrived=time.monotonic(),
         )
+        self._replay(s, replay)
+        self.waiting.append(s)
 
     def cancel(self, request_id: str) -> list[TokenEvent]:
         """Stop a request now; its cells are freed at once, or kept as its session's state (the
@@ -388,7 +414,7 @@ class Engine:
         self.counters["migrations_given_up"] += 1
         return True
 
-    def attach(self, data: Any, migration_id: str | None = None) -> str:
+    def attach(self, data: Any, migration_id: str | None = None, replay: tuple[int, ...] = ()) -> str:
         """Continue a request that `detach` took out of an engine of this model; returns its id. It
         joins the queue (as the youngest request) and its state is read back when it is admitted,
         as a swapped-out request's is. RequestExists or a SnapshotError subclass, nothing changed,
@@ -403,7 +429,7 @@ class Engine:
                     f"no pre-copied sequence for migration {migration_id!r} here (given up for room?)"
                 )
             try:
-                return self._attach_resident(data, self.incoming[migration_id])
+                return self._attach_resident(data, self.incoming[migration_id], replay)
             finally:
                 self.incoming.pop(migration_id, None)
         state = SequenceState.decode(data, max_bytes=self.memory.max_snapshot_bytes + MAX_HEADER_BYTES)
@@ -417,10 +443,11 @@ class Engine:
         if state.snapshot:
             self._check_snapshot(state.snapshot)
             s.swapped, s.swapped_fed = state.snapshot, state.fed
+        self._replay(s, replay)
         self.waiting.append(s)
         return s.request.id
 
-    def _attach_resident(self, data: Any, seq: int) -> str:
+    def _attach_resident(self, data: Any, seq: int, replay: tuple[int, ...] = ()) -> str:
         """`attach` into `seq`, which holds the pre-copied pieces; `seq` is released on refusal."""
         try:
             state = SequenceState.decode(data, max_bytes=self.memory.max_snapshot_bytes + MAX_HEADER_BYTES)
@@ -440,8 +467,68 @@ class Engine:
             self._release_seq(seq)
             raise
         s.seq, s.fed = seq, state.fed
+        self._replay(s, replay)
         bisect.insort(self.running, s, key=lambda r: r.arrival)
         return s.request.id
+
+    # ---- recovery -------------------------------------------------------------------------------------
+
+    def recover(self, chain: list[bytes], replay: tuple[int, ...], recovery_id: str) -> str:
+        """Continue a request whose worker died, from its checkpoints (`Checkpoint.data`, in order:
+        the first holds its whole sequence, each later one the piece since) and the tokens it
+        produced after the last (`replay`: not sampled or emitted again, but fed with its next
+        step, its sampler, detokenizer and stop state advanced over them). Its next tokens are the
+        ones it would have produced. A SnapshotError or MemoryFull when the chain cannot be read
+        here; nothing is kept then."""
+        if not chain:
+            raise InvalidInput("recovery needs at least one checkpoint")
+        try:
+            for data in chain[:-1]:
+                state = SequenceState.decode(data, max_bytes=self.memory.max_snapshot_bytes + MAX_HEADER_BYTES)
+                self.receive(recovery_id, state.snapshot)
+            if len(chain) == 1:  # one whole checkpoint: an id for it, holding nothing yet
+                self._reserve(recovery_id)
+            return self.attach(chain[-1], recovery_id, replay)
+        finally:
+            self.abort_incoming(recovery_id)  # a no-op when it went well (attach took the id)
+
+    def _reserve(self, migration_id: str) -> None:
+        while not self.free_seqs and self._evict_one():
+            pass
+        if not self.free_seqs:
+            raise MemoryFull(f"no free sequence id for {migration_id!r}")
+        self.incoming[migration_id] = self.free_seqs.pop()
+
+    def _replay(self, s: _Sequence, tokens: tuple[int, ...]) -> None:
+        """Take `tokens` as s's next outputs, as if it had sampled them: its sampler records each
+        (penalty counts) and advances its generator by the draw each took; the detokenizer and
+        stop matcher take them too. Nothing is emitted: the client has them already."""
+        for token in tokens:
+            s.output.append(int(token))
+            s.sampler.record(int(token))
+            if not s.request.params.greedy:
+                skip_draw(s.sampler)
+            s.stops.push(s.detok.push(int(token)))
+        if tokens:
+            s.last_token_at = time.monotonic()
+
+    def _take_checkpoints(self, plan: _Plan) -> None:
+        """After a step: a recovery checkpoint of each running request that sampled its
+        `checkpoint_every`-th token since its last one, or has none here yet (the first holds the
+        whole sequence; so does one after a preemption, which may have recomputed its cells)."""
+        every = self.config.checkpoint_every
+        for s, _ in plan.sampling:
+            if s.seq is None or s not in self.running:
+                continue
+            fresh = s.checkpointed_epoch != s.preemptions
+            if not fresh and len(s.output) - s.checkpointed_outputs < every:
+                continue
+            p0 = 0 if fresh else s.checkpointed_fed
+            piece = self.memory.state_write(s.seq, p0 or None, None)
+            data = SequenceState(tuple(s.tokens()), s.fed, piece, _request_json(s)).encode()
+            self.checkpoints.append(Checkpoint(s.request.id, data, p0, s.fed, len(s.output)))
+            s.checkpointed_fed, s.checkpointed_epoch, s.checkpointed_outputs = s.fed, s.preemptions, len(s.output)
+            self.counters["checkpoints"] += 1
 
     def _sequence_from(self, state: SequenceState) -> _Sequence:
         r = state.request
@@ -610,6 +697,9 @@ class Engine:
     def step(self) -> list[TokenEvent]:
         """Run one batch; returns the tokens it produced."""
         admit, prefill_limit = True, None
+        # A session restored for a request that then could not be admitted stays in memory, idle:
+        # evicting it to make this step fit would let the next plan restore it again, forever.
+        self._restored_in_step = set()
         while True:
             plan = self._plan(admit, prefill_limit)
             if plan is None:
@@ -622,7 +712,10 @@ class Engine:
                 self.counters["step_retries"] += 1
                 self._unadmit(plan)
                 floor = 0 if plan.decode_tokens else 1  # a step must feed something
-                if self._drop_incoming() or self.prefix.evict() or self._evict_one():  # what is cheapest goes first
+                if self._drop_incoming() or self.prefix.evict() or self._evict_one(spare=self._restored_in_step):
+                    continue
+                if self._evict_one():  # one this step restored for a request it could not admit after all:
+                    admit = False  # it goes, and no admission brings it back before the step has run
                     continue
                 if plan.prefill_tokens > floor:  # then new requests and prefill chunks, halved
                     prefill_limit = max(floor, plan.prefill_tokens // 2)
@@ -644,6 +737,8 @@ class Engine:
         events = []
         for s, row in plan.sampling:
             events += self._advance(s, logits[row])
+        if self.config.checkpoint_every:
+            self._take_checkpoints(plan)
         return events
 
     def _check_progress(self) -> None:
@@ -799,11 +894,13 @@ class Engine:
             return False
         session.snapshot = None
         self.counters["session_restores"] += 1
+        self._restored_in_step.add(session.name)
         return True
 
-    def _evict_one(self, keep: int | None = None) -> bool:
-        """Move the least recently used idle session's state (but `keep`'s) out to the host store."""
-        session = self.sessions.idle_resident(exclude=keep)
+    def _evict_one(self, keep: int | None = None, spare: Collection[str] = ()) -> bool:
+        """Move the least recently used idle session's state (but `keep`'s, and those in `spare`) out
+        to the host store."""
+        session = self.sessions.idle_resident(exclude=keep, spare=spare)
         if session is None or session.seq is None:
             return False
         seq = session.seq

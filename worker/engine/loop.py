@@ -21,7 +21,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from statemesh.worker.engine.engine import Engine, Request, TokenEvent
+from statemesh.worker.engine.engine import Checkpoint, Engine, Request, TokenEvent
 
 T = TypeVar("T")
 Listener = Callable[[list[TokenEvent]], None]
@@ -40,7 +40,7 @@ class Detached:
     """What a listener gets when its request left this engine (`detach`): no more events here."""
 
 
-Event = list[TokenEvent] | EngineFailure | Detached
+Event = list[TokenEvent] | EngineFailure | Detached | Checkpoint
 
 
 class EngineLoop:
@@ -65,7 +65,9 @@ class EngineLoop:
         self._commands.put((fn, future))
         return future
 
-    def submit(self, make: Callable[[Engine], Request], listener: Callable[[Event], None]) -> Future[Request]:
+    def submit(
+        self, make: Callable[[Engine], Request], listener: Callable[[Event], None], replay: tuple[int, ...] = ()
+    ) -> Future[Request]:
         """Queue the request `make(engine)` builds on the engine's thread (so it can read the
         engine's state, e.g. a session's history, with nothing changing in between); its events
         go to `listener`. The future gives the request, or raises what `make` or `Engine.add`
@@ -73,7 +75,7 @@ class EngineLoop:
 
         def add(engine: Engine) -> Request:
             request = make(engine)
-            engine.add(request)
+            engine.add(request, replay)
             self._listeners[request.id] = listener
             return request
 
@@ -102,6 +104,18 @@ class EngineLoop:
             return request_id
 
         return self.call(attach)
+
+    def recover(
+        self, chain: list[bytes], replay: tuple[int, ...], recovery_id: str, listener: Callable[[Event], None]
+    ) -> Future[str]:
+        """Continue a request from its recovery checkpoints (`Engine.recover`); events to `listener`."""
+
+        def recover(engine: Engine) -> str:
+            request_id = engine.recover(chain, replay, recovery_id)
+            self._listeners[request_id] = listener
+            return request_id
+
+        return self.call(recover)
 
     def reattach(self, request_id: str, listener: Callable[[Event], None]) -> Future[None]:
         """A parked request goes on here (`Engine.reattach`); its events go to `listener`."""
@@ -140,6 +154,7 @@ class EngineLoop:
                 self._fail(f"{type(e).__name__}: {e}")
                 return
             self._deliver(events)
+            self._deliver_checkpoints()
 
     def _apply_commands(self, block: bool) -> None:
         try:
@@ -167,6 +182,14 @@ class EngineLoop:
                 self._listeners.pop(request_id, None)
             if listener is not None:
                 listener(batch)
+
+    def _deliver_checkpoints(self) -> None:
+        """Each recovery checkpoint the step took goes to its request's listener, after its tokens."""
+        for checkpoint in self.engine.checkpoints:
+            listener = self._listeners.get(checkpoint.request_id)
+            if listener is not None:
+                listener(checkpoint)
+        self.engine.checkpoints.clear()
 
     def _fail(self, message: str) -> None:
         self.failure = message

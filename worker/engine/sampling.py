@@ -177,6 +177,16 @@ def _penalize(
     return x
 
 
+def skip_draw(state: SamplerState) -> None:
+    """Advance the generator as one draw of `_draw` does, without logits: a replayed token (taken,
+    not sampled) leaves the generator where its sampling left it. `Generator.choice` with `p`
+    takes one uniform double, whatever the candidates (tests/worker/test_sampling.py pins this)."""
+    generator = np.random.Generator(np.random.PCG64())
+    generator.bit_generator.state = state.rng
+    generator.random()
+    state.rng = dict(generator.bit_generator.state)
+
+
 def _draw(x: np.ndarray, params: SamplingParams, state: SamplerState) -> int:
     """Filter by top-k, top-p and min-p, then draw one token with the request's generator."""
     order = np.argsort(-x, kind="stable")  # tokens by descending logit

@@ -7,6 +7,7 @@ next turn is computed from scratch, with the same result.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 
@@ -35,10 +36,11 @@ class SessionStore:
         `history` (all but the last sampled token, which was never fed)."""
         self.sessions[name] = Session(name, tokens, history, seq=seq, last_used=tick)
 
-    def idle_resident(self, exclude: int | None = None) -> Session | None:
-        """The least recently used session that holds memory (a sequence id other than `exclude`)
-        and is not running."""
-        idle = [s for s in self.sessions.values() if s.seq is not None and s.seq != exclude and not s.busy]
+    def idle_resident(self, exclude: int | None = None, spare: Collection[str] = ()) -> Session | None:
+        """The least recently used session that holds memory (a sequence id other than `exclude`),
+        is not running and is not one of `spare`."""
+        idle = [s for s in self.sessions.values()
+                if s.seq is not None and s.seq != exclude and not s.busy and s.name not in spare]  # fmt: skip
         return min(idle, key=lambda s: s.last_used) if idle else None
 
     def evicted(self, session: Session, snapshot: bytes) -> None:
