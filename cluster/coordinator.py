@@ -11,20 +11,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
-from statemesh.cluster import router
+from statemesh.cluster import ray_cluster, router
 from statemesh.cluster.errors import AlreadyExists, Busy, InvalidRequest, NotFound, Unavailable
 from statemesh.cluster.replica import Replica
-from statemesh.worker.engine.engine import TokenEvent, UnknownRequest
+from statemesh.worker.engine.engine import Checkpoint, TokenEvent, UnknownRequest
 from statemesh.worker.engine.sampling import SamplingParams
 from statemesh.worker.shard_actor import GenerateOrder
+
+if TYPE_CHECKING:
+    from statemesh.cluster.metrics import Metrics
 
 DRAIN_ROUNDS = 8
 # A migration's pre-copy sends a running request's cells in pieces of at most this many tokens (a
@@ -34,6 +39,7 @@ DRAIN_ROUNDS = 8
 PRECOPY_PIECE_TOKENS = 512
 PRECOPY_DONE_TOKENS = 32
 PRECOPY_MAX_ROUNDS = 64
+LIVENESS_TIMEOUT_S = 10.0  # a worker that does not answer within this is taken for dead
 ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:/")
 MAX_ID = 128
 
@@ -110,6 +116,29 @@ class Migration:
     pause_bytes: int = 0  # moved while it was paused
 
 
+@dataclass
+class Recovery:
+    """What it takes to recover a running request if its replica dies: its order, the tokens the
+    caller has had, and its recovery checkpoints (`Checkpoint`: a whole one, then pieces)."""
+
+    order: GenerateOrder
+    delivered: list[int] = field(default_factory=list)
+    chain: list[Checkpoint] = field(default_factory=list)
+
+    def checkpointed(self, checkpoint: Checkpoint) -> None:
+        if checkpoint.p0 == 0:
+            self.chain = []  # a whole one: what came before is not needed
+        self.chain.append(checkpoint)
+
+
+def _seeded(params: SamplingParams) -> SamplingParams:
+    """The request's sampling with a seed of its own when it had none: a request recovered from its
+    prompt then draws the very tokens it drew before."""
+    if params.greedy or params.seed is not None:
+        return params
+    return dataclasses.replace(params, seed=secrets.randbits(63))
+
+
 @dataclass(frozen=True)
 class Precopy:
     """How far a migration's pre-copy got: the target holds the request's cells below `sent`, as
@@ -136,6 +165,7 @@ class Coordinator:
     replicas: list[Replica]
     prefix_block: int = 16  # the engines' prefix-cache block, for routing by cached prefix
     max_in_flight: int = 256  # requests a replica takes before it counts as full
+    metrics: Metrics | None = None  # the service's Prometheus metrics; None: off
     requests: dict[str, Replica] = field(default_factory=dict)  # running request id -> its replica
     request_sessions: dict[str, str] = field(default_factory=dict)  # running request id -> its session
     sessions: dict[str, Replica] = field(default_factory=dict)
@@ -186,6 +216,7 @@ class Coordinator:
     async def generate(self, call: GenerateCall) -> AsyncIterator[Chunk]:
         """Run one request, yielding its chunks. Raises before the first chunk when the request is
         refused (nothing runs then)."""
+        timer = self.metrics.request_started() if self.metrics is not None else None
         request_id = call.request_id or f"req-{uuid.uuid4().hex[:16]}"
         check_id("request_id", request_id)
         if request_id in self.requests:
@@ -207,21 +238,38 @@ class Coordinator:
         replica.in_flight.add(request_id)
         finished, produced = False, 0
         try:
-            order = GenerateOrder(request_id, tuple(ids), call.params, call.session_id)
+            order = GenerateOrder(request_id, tuple(ids), _seeded(call.params), call.session_id)
+            recovery = Recovery(order)
             stream = replica.engine.generate.options(num_returns="streaming").remote(order)
             while not finished:
-                async for ref in stream:
-                    events: list[TokenEvent] | int = await _unwrapped(ref)
-                    if isinstance(events, int) or not events:  # a handover's acknowledgement
-                        continue
-                    replica.remember_prefix(keys)
-                    produced += sum(1 for e in events if e.token >= 0)
-                    last = events[-1]
-                    usage = None
-                    if last.finish_reason is not None:
-                        finished = True
-                        usage = self._account(last, produced)
-                    yield Chunk(request_id, events, replica.replica_id, last.finish_reason or "", usage)
+                try:
+                    async for ref in stream:
+                        events: list[TokenEvent] | Checkpoint | int = await _unwrapped(ref)
+                        if isinstance(events, Checkpoint):
+                            recovery.checkpointed(events)
+                            continue
+                        if isinstance(events, int) or not events:  # a handover's acknowledgement
+                            continue
+                        replica.remember_prefix(keys)
+                        n_tokens = sum(1 for e in events if e.token >= 0)
+                        produced += n_tokens
+                        recovery.delivered += [e.token for e in events if e.token >= 0]
+                        last = events[-1]
+                        usage = None
+                        if timer is not None:
+                            timer.tokens(n_tokens)
+                        if last.finish_reason is not None:
+                            finished = True
+                            usage = self._account(last, produced)
+                            if timer is not None:
+                                timer.finished(usage.prompt_tokens)
+                        yield Chunk(request_id, events, replica.replica_id, last.finish_reason or "", usage)
+                except (Unavailable, RuntimeError, ray.exceptions.RayActorError):
+                    if not await self._lost(replica):
+                        raise  # its replica lives: a real error, the caller hears it
+                    replica, stream = await self._recover(request_id, recovery, replica)
+                    keys = []
+                    continue
                 if not finished:  # the stream ended unfinished: the request moved; splice its new stream
                     replica, stream = await self._next_stream(request_id, replica)
                     keys = []
@@ -234,6 +282,55 @@ class Coordinator:
                 replica = move.result()[0]  # it left mid-handover: it runs there now
             if not finished:  # the caller left (or the stream broke): free the request's memory
                 self._spawn(self._cancel_on(replica, request_id))
+
+    async def _lost(self, replica: Replica) -> bool:
+        """Whether `replica` is gone (a worker process died, or its node): asks each of its
+        workers; the first to find out marks it dead and stops what is left of it."""
+        if replica.state == "dead":
+            return True
+        try:
+            for actor in replica.actors:  # Ray's own no-op method: alive whatever state its engine is in
+                await asyncio.wait_for(actor.__ray_ready__.remote(), timeout=LIVENESS_TIMEOUT_S)
+            return False
+        except (ray.exceptions.RayActorError, TimeoutError):
+            if replica.state != "dead":
+                replica.state = "dead"
+                with contextlib.suppress(Exception):  # what is left of it: its other workers, its reservation
+                    ray_cluster.release(replica.placement)
+            return True
+
+    async def _recover(self, request_id: str, recovery: Recovery, dead: Replica) -> tuple[Replica, Any]:
+        """Go on with a request whose replica died, on another: from its recovery checkpoints, the
+        tokens since replayed (not sampled or sent again); or, before its first checkpoint, from its
+        prompt with the same seed, every token it sent replayed. UNAVAILABLE when no replica is left."""
+        ready = [r for r in self.replicas if r.state == "ready"]
+        if not ready:
+            raise Unavailable(f"request {request_id}'s replica {dead.replica_id} died and no other replica is "
+                              "ready to recover it; retry later")  # fmt: skip
+        target = min(ready, key=lambda r: r.load)
+        if recovery.chain:
+            replay = tuple(recovery.delivered[recovery.chain[-1].n_outputs :])
+            chain = [c.data for c in recovery.chain]
+            stream = target.engine.recover.options(num_returns="streaming").remote(
+                chain, replay, f"recovery-{uuid.uuid4().hex[:12]}"
+            )
+        elif recovery.order.session is None:
+            order = dataclasses.replace(recovery.order, replay=tuple(recovery.delivered))
+            stream = target.engine.generate.options(num_returns="streaming").remote(order)
+        else:  # a session's turn before its first checkpoint: the session's history died with it
+            raise Unavailable(f"request {request_id}'s replica {dead.replica_id} died before its first checkpoint, "
+                              "and its session with it; start the conversation again")  # fmt: skip
+        recovery.chain = []  # the target takes checkpoints of its own, the first a whole one
+        dead.in_flight.discard(request_id)
+        target.in_flight.add(request_id)
+        self.requests[request_id] = target
+        session = self.request_sessions.get(request_id)
+        if session is not None:
+            self.sessions[session] = target
+        self.counters.recoveries += 1
+        if self.metrics is not None:
+            self.metrics.recovered()
+        return target, stream
 
     async def _next_stream(self, request_id: str, replica: Replica) -> tuple[Replica, Any]:
         """Where a request whose stream ended unfinished goes on: the handover its migration set."""
@@ -300,8 +397,11 @@ class Coordinator:
         if session is not None:  # a session's turn brings the session along
             self.sessions[session] = target
         self.counters.migrations += 1
-        return Migration(source.replica_id, target.replica_id, done.bytes + int(size), pause_ms,
-                         done.bytes, done.rounds, int(size))  # fmt: skip
+        migration = Migration(source.replica_id, target.replica_id, done.bytes + int(size), pause_ms,
+                              done.bytes, done.rounds, int(size))  # fmt: skip
+        if self.metrics is not None:
+            self.metrics.migrated(migration)
+        return migration
 
     async def _precopy(self, source: Replica, target: Replica, request_id: str, migration_id: str) -> Precopy:
         """Send the request's cells to the target in pieces while it runs; returns how far it got.
@@ -452,7 +552,10 @@ class Coordinator:
         pause_ms = (time.monotonic() - started) * 1000
         self.counters.migrations += 1
         size = (await self.get_session(session_id)).state_bytes
-        return Migration(source.replica_id, target.replica_id, size, pause_ms)
+        migration = Migration(source.replica_id, target.replica_id, size, pause_ms)
+        if self.metrics is not None:
+            self.metrics.migrated(migration)
+        return migration
 
     def _target(self, source: Replica, target_id: str | None) -> Replica:
         if target_id:
@@ -515,15 +618,21 @@ class Coordinator:
             views.append(ReplicaView(r, running, waiting, migrating))
         return views
 
-    async def stats(self) -> dict[str, int]:
-        totals = {"running": 0, "waiting": 0, "tokens_out": 0, "prefix_queries": 0, "prefix_hits": 0, "preemptions": 0}
+    async def engine_stats(self) -> dict[str, dict[str, Any]]:
+        """Each live replica's engine `stats()` (its totals since it started), by replica id."""
+        by_replica = {}
         for r in self.replicas:
             if r.state not in ("ready", "draining"):
                 continue
             try:
-                stats = await r.engine.stats.remote()
+                by_replica[r.replica_id] = await r.engine.stats.remote()
             except ray.exceptions.RayActorError:
                 continue
+        return by_replica
+
+    async def stats(self) -> dict[str, int]:
+        totals = {"running": 0, "waiting": 0, "tokens_out": 0, "prefix_queries": 0, "prefix_hits": 0, "preemptions": 0}
+        for stats in (await self.engine_stats()).values():
             for key in totals:
                 totals[key] += int(stats[key])
         c = self.counters

@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from statemesh.cluster.auth import TlsFiles, TokenInterceptor
 from statemesh.cluster.coordinator import Chunk, Coordinator, GenerateCall, Prompt, ReplicaView, SessionView
 from statemesh.cluster.errors import AlreadyExists, Busy, InvalidRequest, NotFound, QueueFull, Unavailable
 from statemesh.cluster.replica import Replica
@@ -296,10 +297,13 @@ class ClusterServicer(pb_grpc.ClusterServicer):
 class Server:
     """The grpc.aio server with the three services, health and reflection."""
 
-    def __init__(self, coordinator: Coordinator, host: str, port: int):
+    def __init__(
+        self, coordinator: Coordinator, host: str, port: int, token: str | None = None, tls: TlsFiles | None = None
+    ):
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]  # fmt: skip
-        self.grpc = grpc.aio.server(options=options)
+        interceptors = [TokenInterceptor(token)] if token else []
+        self.grpc = grpc.aio.server(options=options, interceptors=interceptors)
         pb_grpc.add_InferenceServicer_to_server(InferenceServicer(coordinator), self.grpc)
         pb_grpc.add_SessionsServicer_to_server(SessionsServicer(coordinator), self.grpc)
         pb_grpc.add_ClusterServicer_to_server(ClusterServicer(coordinator), self.grpc)
@@ -308,7 +312,10 @@ class Server:
         names = (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self.grpc)
         self.host = host
-        self.port = self.grpc.add_insecure_port(f"{host}:{port}")
+        address = f"{host}:{port}"
+        self.port = (
+            self.grpc.add_secure_port(address, tls.credentials()) if tls else self.grpc.add_insecure_port(address)
+        )
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {host}:{port} (in use, or not an address of this machine)")
 

@@ -12,7 +12,10 @@ import sys
 from dataclasses import dataclass, field
 
 from statemesh.cluster import ray_cluster
+from statemesh.cluster.auth import TlsFiles
 from statemesh.cluster.coordinator import Coordinator
+from statemesh.cluster.http_front import HttpFront
+from statemesh.cluster.metrics import Metrics, MetricsEndpoint
 from statemesh.cluster.replica import Replica
 from statemesh.cluster.server import Server
 from statemesh.worker.engine.engine import EngineConfig
@@ -35,6 +38,10 @@ class ServiceConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     ray: ray_cluster.RayOptions = field(default_factory=ray_cluster.RayOptions)
     max_in_flight: int = 256  # requests a replica takes before RESOURCE_EXHAUSTED
+    metrics_port: int | None = None  # Prometheus /metrics on this port (0: a free one); None: off
+    http_port: int | None = None  # the OpenAI-compatible HTTP API on this port (0: a free one); None: off
+    token: str | None = field(default=None, repr=False)  # the bearer token every RPC but health's needs
+    tls: TlsFiles | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         unknown = [b for b in self.backends if b not in BACKENDS]
@@ -111,6 +118,8 @@ async def run_service(config: ServiceConfig, ready_line: bool = True) -> None:
     replicas: list[Replica] = []
     server: Server | None = None
     coordinator: Coordinator | None = None
+    endpoint: MetricsEndpoint | None = None
+    http: HttpFront | None = None
     try:
         # Ray starts on a thread of its own: the loop keeps answering signals meanwhile (and Ray,
         # off the main thread, leaves the process's SIGTERM handler alone)
@@ -124,16 +133,31 @@ async def run_service(config: ServiceConfig, ready_line: bool = True) -> None:
             await asyncio.gather(starting, return_exceptions=True)
             return
         replicas = starting.result()
-        coordinator = Coordinator(replicas, config.engine.prefix_block, config.max_in_flight)
-        server = Server(coordinator, config.host, config.port)
+        metrics = Metrics() if config.metrics_port is not None else None
+        coordinator = Coordinator(replicas, config.engine.prefix_block, config.max_in_flight, metrics)
+        if metrics is not None and config.metrics_port is not None:
+            endpoint = MetricsEndpoint(metrics, lambda: metrics.refresh(coordinator))
+            port = await endpoint.start(config.host, config.metrics_port)
+            if ready_line:
+                print(f"statemesh metrics listening on {config.host}:{port}", flush=True)
+        if config.http_port is not None:
+            http = HttpFront(coordinator, config.host, config.http_port, replicas[0].model, config.token)
+            await http.start()
+            if ready_line:
+                print(f"statemesh http listening on {config.host}:{http.port}", flush=True)
+        server = Server(coordinator, config.host, config.port, config.token, config.tls)
         await server.start()
         if ready_line:
             print(f"statemesh listening on {config.host}:{server.port}", flush=True)
         await stop.wait()
     finally:
         print("statemesh stopping", file=sys.stderr, flush=True)
+        if http is not None:
+            await http.stop()
         if server is not None:
             await server.stop(STOP_GRACE_S)
+        if endpoint is not None:
+            await endpoint.stop()
         if coordinator is not None:
             await coordinator.close()
         for r in replicas:

@@ -32,3 +32,15 @@ def test_gpu_check_mirror_runs_on_numpy() -> None:
     assert all(line["ok"] and int(line["batches_committed"]) > 5 for line in mirror)  # type: ignore[call-overload]
     models = [line for line in lines if line["check"] == "model"]
     assert len(models) >= 10 and all(line["ok"] for line in models)
+
+
+def test_checkpoint_benchmark_compares_with_and_without_in_one_run() -> None:
+    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "llama"
+    lines = run_json_lines(str(BENCH / "checkpoints.py"), "--model", str(fixture), "--streams", "1", "4",
+                           "--every", "4", "--rounds", "1", "--new-tokens", "24", "--plain-env")  # fmt: skip
+    assert [line["streams"] for line in lines] == [1, 4]
+    for line in lines:
+        assert float(line["decode_tokens_per_s_with"]) > 0 and float(line["ratio"]) > 0  # type: ignore[arg-type]
+        assert int(line["checkpoints"]) >= 6 * int(line["streams"])  # type: ignore[call-overload]
+        # the first holds the whole sequence, the later ones only 4 tokens' cells
+        assert int(line["bytes_per_checkpoint_later"]) < int(line["bytes_per_checkpoint_first"])  # type: ignore[call-overload]

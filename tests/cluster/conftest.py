@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -21,6 +22,8 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 START_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 60.0
 READY = "statemesh listening on "
+# what else listens, announced before the ready line: "statemesh metrics listening on HOST:PORT"
+ALSO_LISTENING = re.compile(r"statemesh (\w+) listening on (\S+)$")
 
 
 @dataclass
@@ -29,6 +32,7 @@ class Service:
     address: str
     log: Path
     worker_pids: list[int] = field(default_factory=list)  # filled by tests that list the replicas
+    also_listening: dict[str, str] = field(default_factory=dict)  # e.g. "metrics" -> its HOST:PORT
 
     def stop(self) -> int:
         """SIGTERM, then wait: the server must exit by itself, with status 0."""
@@ -52,13 +56,17 @@ def start_service(args: list[str], log: Path) -> Service:
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in process.stdout or []], daemon=True).start()
     deadline = time.monotonic() + START_TIMEOUT_S
+    also_listening: dict[str, str] = {}
     while time.monotonic() < deadline and process.poll() is None:
         try:
             line = lines.get(timeout=1.0)
         except queue.Empty:
             continue
         if line.startswith(READY):
-            return Service(process, line[len(READY) :].strip(), log)
+            return Service(process, line[len(READY) :].strip(), log, also_listening=also_listening)
+        other = ALSO_LISTENING.match(line.strip())
+        if other:
+            also_listening[other[1]] = other[2]
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGKILL)
     process.wait()

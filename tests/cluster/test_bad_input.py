@@ -10,6 +10,7 @@ import struct
 import time
 from collections.abc import Iterator
 from functools import cache
+from pathlib import Path
 
 import grpc
 import pytest
@@ -317,3 +318,27 @@ def test_after_the_fuzz_the_witness_is_unchanged(client: Client, witness: list[i
     got = client.complete(WITNESS_TURN, session_id="after-fuzz", **GREEDY).token_ids
     client.delete("after-fuzz")
     assert got == engine_tokens([*witness, *WITNESS_TURN], **GREEDY)
+
+
+def test_too_many_requests_get_resource_exhausted_with_a_retry_hint(tmp_path: Path) -> None:
+    """Backpressure, never an unbounded queue: past --max-in-flight a request is refused at once
+    with RESOURCE_EXHAUSTED, a message that says when to retry and `retry-after-ms` metadata."""
+    args = ["--model", str(FIXTURES / "llama"), "--n-ctx", "512", "--max-seqs", "2", "--max-in-flight", "1"]
+    service = start_service(args, tmp_path / "server.log")
+    try:
+        with Client(service.address) as client:
+            stream = client.generate([9, 10], max_tokens=500, temperature=0.0, ignore_eos=True)
+            next(stream)  # the one request in flight
+            with pytest.raises(grpc.RpcError) as e:
+                list(client.inference.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5, 6])), timeout=30))
+            assert e.value.code() == Code.RESOURCE_EXHAUSTED and "retry in" in (e.value.details() or "")
+            hint = dict(e.value.trailing_metadata() or ())
+            assert int(hint["retry-after-ms"]) > 0
+            stream.close()
+            deadline = time.monotonic() + 20
+            while client.replicas()[0].running and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert client.complete([5, 6], **GREEDY).finish_reason == "length"  # room again
+    finally:
+        assert service.stop() == 0
+    assert leftovers(service) == []

@@ -26,6 +26,7 @@ def gpu_check_module() -> ModuleType:
     return module
 
 
+@pytest.mark.slow  # ~20 s: a second server of the fixture; `make test-slow` runs it
 @pytest.mark.timeout(420)
 def test_part_4_serves_migrates_a_stream_and_a_session_and_matches_the_engine_on_numpy() -> None:
     done = subprocess.run([sys.executable, str(GPU_CHECK), "--device", "numpy", "--parts", "4"],

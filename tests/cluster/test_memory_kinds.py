@@ -36,7 +36,12 @@ def engine_tokens(model_path: Path, prompt: list[int], **sampling: object) -> li
 
 @pytest.mark.parametrize(
     ("model", "kind"),
-    [(FIXTURES / "gemma2", "iswa"), (FIXTURES / "mamba2", "recurrent"), (FIXTURES / "bamba", "hybrid"), (None, "kv")],
+    [
+        (FIXTURES / "gemma2", "iswa"),
+        (FIXTURES / "mamba2", "recurrent"),
+        (FIXTURES / "bamba", "hybrid"),
+        pytest.param(None, "kv", marks=pytest.mark.slow),
+    ],  # the default model: ~70 s, under `make test-slow`
     ids=["gemma2", "mamba2", "bamba", "smollm2"],
 )
 def test_each_memory_kind_serves_what_the_engine_gives(model: Path | None, kind: str, tmp_path: Path) -> None:
