@@ -63,6 +63,7 @@ import http.client
 import json
 import os
 import queue
+import shlex
 import signal
 import socket
 import subprocess
@@ -585,8 +586,9 @@ def run_throughput(
         for k, stages in enumerate(args.stages):
             fields = {**common, "stages": stages}
             serve_args = ["--model", work.model_path, "--replicas", str(work.replicas), "--stages", str(stages),
-                          "--n-ctx", str(work.n_ctx), "--max-seqs", str(work.max_seqs)]  # fmt: skip
-            with serving(serve_args, fields, stops) as server:
+                          "--n-ctx", str(work.n_ctx), "--max-seqs", str(work.max_seqs),
+                          *shlex.split(args.serve_args)]  # fmt: skip
+            with serving(serve_args, {**fields, "serve_args": args.serve_args}, stops) as server:
                 first = k == 0  # the anchors do not depend on the stages: they run once
                 throughput_streams(server, model, work, fields, engine if first else None, llama if first else None)
                 emit_worker_rss(server, {**fields, "part": "throughput"})
@@ -906,7 +908,8 @@ def run_migration(args: argparse.Namespace, machine: dict[str, Any], stops: list
         max_seqs = max(case.others for case in cases) + 4
         fields = {**machine, "worker_env": not args.missing_settings, "model": model.config.name, "replicas": 2,
                   "stages": 1, "n_ctx": n_ctx, "max_seqs": max_seqs, "quick": args.quick}  # fmt: skip
-        serve_args = ["--model", model_path, "--replicas", "2", "--n-ctx", str(n_ctx), "--max-seqs", str(max_seqs)]
+        serve_args = ["--model", model_path, "--replicas", "2", "--n-ctx", str(n_ctx), "--max-seqs", str(max_seqs),
+                      *shlex.split(args.serve_args)]  # fmt: skip
         with serving(serve_args, fields, stops) as server:
             measure_move(server.address, vocab, warm, seed=1)
             for seed, case in enumerate(cases, start=2):
@@ -953,6 +956,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--llama-server", default=built, help="its binary (default: `make llama-server`'s, if built)")
     parser.add_argument("--throughput", action="store_true", help="run the throughput part (default: both parts)")
     parser.add_argument("--migration", action="store_true", help="run the migration part (default: both parts)")
+    parser.add_argument("--serve-args", default="", help="more flags for the servers, e.g. '--checkpoint-every 0'")
     parser.add_argument("--quick", action="store_true", help="smoke run: fixture models, streams 1 4, 16+8 tokens")
     parser.add_argument("--no-engine", action="store_true", help="throughput without the in-process engine")
     parser.add_argument(

@@ -320,7 +320,8 @@ class Coordinator:
         else:  # a session's turn before its first checkpoint: the session's history died with it
             raise Unavailable(f"request {request_id}'s replica {dead.replica_id} died before its first checkpoint, "
                               "and its session with it; start the conversation again")  # fmt: skip
-        recovery.chain = []  # the target takes checkpoints of its own, the first a whole one
+        # the target goes on with the chain (its memory is what the chain says, and the replayed
+        # tokens' cells are its own): its next checkpoint is the piece after the last one here
         dead.in_flight.discard(request_id)
         target.in_flight.add(request_id)
         self.requests[request_id] = target

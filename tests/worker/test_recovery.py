@@ -65,24 +65,8 @@ def same(got: list[TokenEvent], want: list[TokenEvent]) -> None:
         assert a.logprob is not None and b.logprob is not None and abs(a.logprob - b.logprob) < 1e-4
 
 
-@pytest.mark.parametrize("name", KINDS)
-@settings(max_examples=settings.default.max_examples // 25, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
-@given(every=st.integers(1, 12), dies_after=st.integers(0, 40), n_ctx=st.sampled_from([96, 512]),
-       max_batch_tokens=st.sampled_from([7, 64]))  # fmt: skip
-def test_requests_of_an_engine_that_dies_continue_elsewhere_with_the_same_tokens(
-    name: str, every: int, dies_after: int, n_ctx: int, max_batch_tokens: int
-) -> None:
-    alone = Engine(model(name), EngineConfig(n_ctx=512, n_seq_max=3)).generate(requests())
-    config = EngineConfig(n_ctx=n_ctx, n_seq_max=3, max_batch_tokens=max_batch_tokens, checkpoint_every=every)
-    dying = Engine(model(name), config)  # n_ctx 96: the three do not fit at once, preemptions come
-    seen = Coordinator()
-    for r in requests():
-        dying.add(r)
-    for _ in range(dies_after):
-        if dying.has_work():
-            seen.take(dying, dying.step())
-    other = Engine(model(name), EngineConfig(n_ctx=512, n_seq_max=4, prefix_cache_seqs=0, checkpoint_every=every))
+def take_over(engine: Engine, seen: Coordinator) -> None:
+    """Continue every unfinished request of `seen` on `engine`, as the coordinator would."""
     for r in requests():
         if seen.finished(r.id):
             continue
@@ -90,13 +74,47 @@ def test_requests_of_an_engine_that_dies_continue_elsewhere_with_the_same_tokens
         chain = seen.chains.get(r.id)
         if chain:  # from its checkpoints, replaying what came after the last
             replay = delivered[chain[-1].n_outputs :]
-            assert other.recover([c.data for c in chain], replay, f"rec-{r.id}") == r.id
+            assert engine.recover([c.data for c in chain], replay, f"rec-{r.id}") == r.id
         else:  # none yet: from its prompt, with the same seed, replaying what it produced
-            other.add(r, replay=delivered)
-    while other.has_work():
-        seen.take(other, other.step())
-    other.memory.check_integrity()
-    assert not other.incoming
+            engine.add(r, replay=delivered)
+
+
+def run_for(engine: Engine, seen: Coordinator, steps: int | None) -> None:
+    n = 0
+    while engine.has_work() and (steps is None or n < steps):
+        seen.take(engine, engine.step())
+        n += 1
+
+
+@pytest.mark.parametrize("name", KINDS)
+@settings(max_examples=settings.default.max_examples // 25, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+@given(every=st.integers(1, 12), dies_after=st.integers(0, 40),
+       dies_again_after=st.one_of(st.none(), st.integers(0, 20)),
+       n_ctx=st.sampled_from([96, 512]), max_batch_tokens=st.sampled_from([7, 64]))  # fmt: skip
+def test_requests_of_an_engine_that_dies_continue_elsewhere_with_the_same_tokens(
+    name: str, every: int, dies_after: int, dies_again_after: int | None, n_ctx: int, max_batch_tokens: int
+) -> None:
+    """The second engine may die too: the third goes on from the chain the second continued."""
+    alone = Engine(model(name), EngineConfig(n_ctx=512, n_seq_max=3)).generate(requests())
+    config = EngineConfig(n_ctx=n_ctx, n_seq_max=3, max_batch_tokens=max_batch_tokens, checkpoint_every=every)
+    dying = Engine(model(name), config)  # n_ctx 96: the three do not fit at once, preemptions come
+    seen = Coordinator()
+    for r in requests():
+        dying.add(r)
+    run_for(dying, seen, dies_after)
+    roomy = EngineConfig(n_ctx=512, n_seq_max=4, prefix_cache_seqs=0, checkpoint_every=every)
+    second = Engine(model(name), roomy)
+    take_over(second, seen)
+    run_for(second, seen, dies_again_after)
+    if second.has_work():
+        third = Engine(model(name), roomy)
+        take_over(third, seen)
+        run_for(third, seen, None)
+        third.memory.check_integrity()
+        assert not third.incoming
+    else:
+        second.memory.check_integrity()
     for rid, want in alone.items():
         same(seen.events[rid], want)
 

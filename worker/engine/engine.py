@@ -525,9 +525,9 @@ class Engine:
                 continue
             p0 = 0 if fresh else s.checkpointed_fed
             piece = self.memory.state_write(s.seq, p0 or None, None)
+            s.checkpointed_fed, s.checkpointed_epoch, s.checkpointed_outputs = s.fed, s.preemptions, len(s.output)
             data = SequenceState(tuple(s.tokens()), s.fed, piece, _request_json(s)).encode()
             self.checkpoints.append(Checkpoint(s.request.id, data, p0, s.fed, len(s.output)))
-            s.checkpointed_fed, s.checkpointed_epoch, s.checkpointed_outputs = s.fed, s.preemptions, len(s.output)
             self.counters["checkpoints"] += 1
 
     def _sequence_from(self, state: SequenceState) -> _Sequence:
@@ -545,6 +545,12 @@ class Engine:
             s = _Sequence(request, SamplerState.from_json(r["sampler"]), detok, stops, next(self._arrivals),
                           output=list(state.history[prompt_len:]), cached=r["cached"],
                           preemptions=int(r["preemptions"]), arrived=time.monotonic())  # fmt: skip
+            checkpointed = r.get("checkpointed") or {}
+            if checkpointed.get("current") is True:  # its memory is what its last checkpoint says
+                s.checkpointed_fed, s.checkpointed_outputs = int(checkpointed["fed"]), int(checkpointed["outputs"])
+                s.checkpointed_epoch = s.preemptions
+                if not (0 <= s.checkpointed_fed <= state.fed and 0 <= s.checkpointed_outputs <= len(s.output)):
+                    raise ValueError(f"its checkpoints cover {checkpointed}, beyond its {len(state.history)} tokens")
         except (KeyError, TypeError, ValueError) as e:
             raise SnapshotCorrupt(f"the request's state is malformed: {type(e).__name__}: {e}") from None
         if not 0 < prompt_len <= len(state.history) or state.fed > len(state.history):
@@ -1056,6 +1062,9 @@ def _request_json(s: _Sequence) -> dict[str, Any]:
         "id": s.request.id, "prompt_len": len(s.request.prompt), "session": s.request.session, "params": params,
         "sampler": s.sampler.to_json(), "detok": {"ids": s.detok.ids, "prefix": s.detok.prefix, "read": s.detok.read},
         "held": s.stops.held, "cached": s.cached, "preemptions": s.preemptions,
+        # where its recovery checkpoints stand, so that wherever it goes on, the chain goes on too
+        "checkpointed": {"fed": s.checkpointed_fed, "outputs": s.checkpointed_outputs,
+                         "current": s.checkpointed_epoch == s.preemptions},
     }  # fmt: skip
 
 
