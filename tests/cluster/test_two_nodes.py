@@ -57,3 +57,36 @@ def test_a_request_migrates_from_one_node_to_the_other(two_nodes: Cluster, tmp_p
     finally:
         assert service.stop() == 0
     assert leftovers(service) == []
+
+
+def test_a_request_whose_node_is_removed_goes_on_on_the_other_node(two_nodes: Cluster, tmp_path: Path) -> None:
+    """Issue 15: the node holding a request's replica leaves the cluster mid-stream
+    (`Cluster.remove_node`); the request goes on on the other node from its last checkpoint, every
+    token the one an undisturbed run gives. (This test runs last: the module's cluster loses a node.)"""
+    args = ["--model", str(FIXTURES / "llama"), "--replicas", "2", "--ray-address", two_nodes.address,
+            "--n-ctx", "512", "--max-seqs", "4", "--checkpoint-every", "8"]  # fmt: skip
+    service = start_service(args, tmp_path / "server.log")
+    try:
+        with Client(service.address) as client:
+            worker_node = next(iter(two_nodes.worker_nodes))
+            on_worker_node = next(r for r in client.replicas() if r.workers[0].node_id == worker_node.node_id)
+            client.create_session("leaving", replica_id=on_worker_node.replica_id)
+            params = {"max_tokens": 400, "temperature": 0.8, "seed": 4, "ignore_eos": True}
+            tokens: list[int] = []
+            replicas: list[str] = []
+            for chunk in client.generate([9, 10, 11, 12], session_id="leaving", **params):
+                tokens += chunk.token_ids
+                replicas.append(chunk.replica_id)
+                if len(tokens) >= 30 and worker_node in two_nodes.worker_nodes:
+                    two_nodes.remove_node(worker_node)
+            model = load_model(FIXTURES / "llama", backend="numpy", progress=False)
+            want = Engine(model, EngineConfig(n_ctx=512, n_seq_max=4)).generate(
+                [Request("x", (9, 10, 11, 12), SamplingParams(**params))]  # type: ignore[arg-type]
+            )["x"]
+            assert tokens == [e.token for e in want]
+            assert replicas[0] == on_worker_node.replica_id != replicas[-1]
+            states = {r.replica_id: r.state for r in client.replicas()}
+            assert states[on_worker_node.replica_id] == "dead" and client.stats().recoveries == 1
+    finally:
+        assert service.stop() == 0
+    assert leftovers(service) == []
