@@ -17,6 +17,7 @@ from statemesh.worker.engine.engine import EngineConfig
 
 def _serve(args: argparse.Namespace) -> int:
     from statemesh.cluster.auth import AuthConfigError, TlsFiles, read_token
+    from statemesh.cluster.errors import CannotListen
     from statemesh.cluster.ray_cluster import PlacementError, RayOptions
     from statemesh.cluster.service import ServiceConfig, parse_backends, run_service
     from statemesh.worker.loading.loader import default_model_path
@@ -39,7 +40,7 @@ def _serve(args: argparse.Namespace) -> int:
               "port can use the service (give --token-file or $STATEMESH_TOKEN)", file=sys.stderr)  # fmt: skip
     try:
         asyncio.run(run_service(config))
-    except PlacementError as e:  # the cluster cannot hold the replicas asked for: say so, no traceback
+    except (PlacementError, CannotListen) as e:  # the cluster cannot hold the replicas, a port is taken: no traceback
         print(f"statemesh serve: {e}", file=sys.stderr)
         return 1
     return 0

@@ -39,3 +39,7 @@ class NotServed(ServiceError):
 
 class InvalidRequest(ServiceError):
     """A request the API cannot take (bad field values the worker never sees)."""
+
+
+class CannotListen(Exception):
+    """A port the server was told to listen on is taken or not an address of this machine."""

@@ -32,7 +32,7 @@ import grpc
 from aiohttp import web
 
 from statemesh.cluster.coordinator import Chunk, Coordinator, GenerateCall, Prompt, Usage
-from statemesh.cluster.errors import QueueFull
+from statemesh.cluster.errors import CannotListen, QueueFull
 from statemesh.cluster.server import status_of
 from statemesh.worker.engine.engine import TokenEvent
 from statemesh.worker.engine.sampling import InvalidSampling, SamplingParams
@@ -375,7 +375,11 @@ class HttpFront:
     async def start(self) -> None:
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.host, self.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as e:
+            await self.runner.cleanup()
+            raise CannotListen(f"--http-port: cannot listen on {self.host}:{self.port} ({e.strerror})") from None
         self.port = int(self.runner.addresses[0][1])
 
     async def stop(self) -> None:

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 
+from statemesh.cluster.errors import CannotListen
+
 if TYPE_CHECKING:
     from statemesh.cluster.coordinator import Coordinator, Migration, ReplicaView
 
@@ -191,7 +193,10 @@ class MetricsEndpoint:
 
     async def start(self, host: str, port: int) -> int:
         """Listen on host:port (0: a free port); returns the port."""
-        self._server = await asyncio.start_server(self._answer, host, port)
+        try:
+            self._server = await asyncio.start_server(self._answer, host, port)
+        except OSError as e:
+            raise CannotListen(f"--metrics-port: cannot listen on {host}:{port} ({e.strerror})") from None
         self.port = int(self._server.sockets[0].getsockname()[1])
         return self.port
 

@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from statemesh.cluster.auth import TlsFiles, TokenInterceptor
 from statemesh.cluster.coordinator import Chunk, Coordinator, GenerateCall, Prompt, ReplicaView, SessionView
-from statemesh.cluster.errors import AlreadyExists, Busy, InvalidRequest, NotFound, QueueFull, Unavailable
+from statemesh.cluster.errors import AlreadyExists, Busy, CannotListen, InvalidRequest, NotFound, QueueFull, Unavailable
 from statemesh.cluster.replica import Replica
 from statemesh.memory.errors import InvalidInput, SnapshotError, SnapshotIncompatible
 from statemesh.protos.statemesh.v1 import statemesh_pb2 as pb
@@ -317,7 +317,7 @@ class Server:
             self.grpc.add_secure_port(address, tls.credentials()) if tls else self.grpc.add_insecure_port(address)
         )
         if self.port == 0:
-            raise RuntimeError(f"cannot listen on {host}:{port} (in use, or not an address of this machine)")
+            raise CannotListen(f"--port: cannot listen on {host}:{port} (in use, or not an address of this machine)")
 
     async def start(self) -> None:
         await self.grpc.start()

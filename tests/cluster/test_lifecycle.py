@@ -4,6 +4,7 @@ stops it cleanly too — exit 0, its Ray cluster and workers gone."""
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,4 +24,20 @@ def test_sigterm_while_starting_stops_cleanly(tmp_path: Path) -> None:
     process.send_signal(signal.SIGTERM)
     assert process.wait(STOP_TIMEOUT_S) == 0, log.read_text()[-3000:]
     assert "Traceback" not in log.read_text()
+    assert leftovers(Service(process, "", log)) == []
+
+
+def test_a_port_that_is_taken_is_a_one_line_error_not_a_traceback(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        log = tmp_path / "server.log"
+        serve = ["serve", "--port", "0", "--http-port", str(port), "--model", str(FIXTURES / "llama")]
+        with open(log, "w") as err:
+            process = subprocess.Popen([sys.executable, "-m", "statemesh.cluster.cli", *serve], stdout=subprocess.PIPE,
+                                       stderr=err, text=True, start_new_session=True)  # fmt: skip
+        assert process.wait(STOP_TIMEOUT_S + 60) == 1, log.read_text()[-3000:]
+    text = log.read_text()
+    assert f"--http-port: cannot listen on 127.0.0.1:{port}" in text and "Traceback" not in text, text[-3000:]
     assert leftovers(Service(process, "", log)) == []
