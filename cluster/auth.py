@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,8 @@ class TlsFiles:
 
     cert: bytes
     key: bytes
+    cert_file: str = ""  # where they came from: Python's ssl (the HTTP front) reads files
+    key_file: str = ""
 
     @staticmethod
     def read(cert_file: str | None, key_file: str | None) -> TlsFiles | None:
@@ -61,12 +64,18 @@ class TlsFiles:
         if not (cert_file and key_file):
             raise AuthConfigError("TLS needs both --tls-cert and --tls-key (PEM files)")
         try:
-            return TlsFiles(Path(cert_file).read_bytes(), Path(key_file).read_bytes())
+            return TlsFiles(Path(cert_file).read_bytes(), Path(key_file).read_bytes(), cert_file, key_file)
         except OSError as e:
             raise AuthConfigError(f"{e.filename}: {e.strerror}") from None
 
     def credentials(self) -> grpc.ServerCredentials:
         return grpc.ssl_server_credentials([(self.key, self.cert)])
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The same certificate for an HTTP server (the OpenAI front)."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.cert_file, self.key_file)
+        return context
 
 
 def token_matches(metadata: Any, token: str) -> bool:

@@ -31,6 +31,7 @@ from typing import Any, cast
 import grpc
 from aiohttp import web
 
+from statemesh.cluster.auth import TlsFiles
 from statemesh.cluster.coordinator import Chunk, Coordinator, GenerateCall, Prompt, Usage
 from statemesh.cluster.errors import CannotListen, QueueFull
 from statemesh.cluster.server import status_of
@@ -356,8 +357,12 @@ class Reply:
 class HttpFront:
     """The aiohttp server: `start` binds (port 0: a free one, then in `port`), `stop` closes."""
 
-    def __init__(self, coordinator: Coordinator, host: str, port: int, model: str, token: str | None = None):
+    def __init__(
+        self, coordinator: Coordinator, host: str, port: int, model: str, token: str | None = None,
+        tls: TlsFiles | None = None,
+    ):  # fmt: skip
         self.coordinator = coordinator
+        self.tls = tls
         self.host = host
         self.port = port
         self.model = model or "statemesh"
@@ -374,7 +379,7 @@ class HttpFront:
 
     async def start(self) -> None:
         await self.runner.setup()
-        site = web.TCPSite(self.runner, self.host, self.port)
+        site = web.TCPSite(self.runner, self.host, self.port, ssl_context=self.tls.ssl_context() if self.tls else None)
         try:
             await site.start()
         except OSError as e:

@@ -141,7 +141,7 @@ async def run_service(config: ServiceConfig, ready_line: bool = True) -> None:
             if ready_line:
                 print(f"statemesh metrics listening on {config.host}:{port}", flush=True)
         if config.http_port is not None:
-            http = HttpFront(coordinator, config.host, config.http_port, replicas[0].model, config.token)
+            http = HttpFront(coordinator, config.host, config.http_port, replicas[0].model, config.token, config.tls)
             await http.start()
             if ready_line:
                 print(f"statemesh http listening on {config.host}:{http.port}", flush=True)

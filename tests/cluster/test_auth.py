@@ -5,10 +5,15 @@ server's certificate gets through and one that does not is refused. One server, 
 from __future__ import annotations
 
 import datetime
+import http.client
 import ipaddress
+import json
 import os
+import ssl
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,7 +63,7 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service,
     cert, key = self_signed(folder)
     token_file = folder / "token"
     token_file.write_text(TOKEN + "\n")
-    args = ["--model", str(FIXTURES / "llama"), "--n-ctx", "256", "--max-seqs", "2",
+    args = ["--model", str(FIXTURES / "llama"), "--n-ctx", "256", "--max-seqs", "2", "--http-port", "0",
             "--token-file", str(token_file), "--tls-cert", str(cert), "--tls-key", str(key)]  # fmt: skip
     service = start_service(args, folder / "server.log")
     ca = cert.read_bytes()
@@ -104,6 +109,20 @@ def test_health_needs_no_token(secured: tuple[Service, bytes]) -> None:
     with grpc.secure_channel(service.address, grpc.ssl_channel_credentials(ca)) as channel:
         answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
     assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_the_http_front_speaks_tls_with_the_same_certificate_and_token(secured: tuple[Service, bytes]) -> None:
+    service, ca = secured
+    address = service.also_listening["http"]
+    trusted = ssl.create_default_context(cadata=ca.decode())
+    with_token = urllib.request.Request(f"https://{address}/v1/models", headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(with_token, context=trusted, timeout=10) as answer:
+        assert [m["id"] for m in json.load(answer)["data"]]
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(f"https://{address}/v1/models", context=trusted, timeout=10)
+    assert e.value.code == 401
+    with pytest.raises((urllib.error.URLError, http.client.HTTPException, ConnectionError)):
+        urllib.request.urlopen(f"http://{address}/v1/models", timeout=10)  # plaintext to a TLS port
 
 
 def test_a_client_that_does_not_trust_the_certificate_or_speaks_plaintext_is_refused(
