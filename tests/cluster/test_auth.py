@@ -166,3 +166,14 @@ def test_tokens_and_tls_files_that_cannot_be_used_say_why(tmp_path: Path, monkey
     with pytest.raises(AuthConfigError, match="both --tls-cert and --tls-key"):
         TlsFiles.read(str(short), None)
     assert _loopback("127.0.0.1") and _loopback("localhost") and not _loopback("0.0.0.0")
+
+
+def test_the_embedded_ray_cluster_runs_with_ray_token_authentication(secured: tuple[Service, bytes]) -> None:
+    """Ray's own processes need Ray's token too (Ray 2.60 turns it on for a new local cluster,
+    ENVIRONMENT.md): the workers run with RAY_AUTH_MODE=token, so nothing reaches them without it."""
+    service, ca = secured
+    with Client(service.address, token=TOKEN, tls_ca=ca) as client:
+        pids = [w.pid for r in client.replicas() for w in r.workers]
+    for pid in pids:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert b"RAY_AUTH_MODE=token" in environ, pid
