@@ -12,12 +12,12 @@ component) are read from them at scrape time (`Metrics.refresh`), so a scrape is
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 
@@ -37,8 +37,6 @@ E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15
                120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
 # a migration's pause: one engine step plus the last piece of state moving worker to worker
 PAUSE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-READ_TIMEOUT_S = 10.0  # a scraper that sends no request head within this is dropped
-MAX_HEAD_BYTES = 16 * 1024
 
 
 class EngineCounter:
@@ -177,75 +175,40 @@ class Metrics:
 
 
 class MetricsEndpoint:
-    """GET /metrics over HTTP (one request per connection), served by the running asyncio loop. A
-    scrape first awaits `refresh` (which reads the replicas), then renders the registry in the
-    format the scraper asks for (Prometheus text, or OpenMetrics)."""
+    """GET /metrics on a port of its own (aiohttp, in the running asyncio loop). A scrape first
+    awaits `refresh` (which reads the replicas), then renders the registry in the format the scraper
+    asks for (Prometheus text, or OpenMetrics)."""
 
     def __init__(self, metrics: Metrics, refresh: Callable[[], Awaitable[None]]):
         self.metrics = metrics
         self.refresh = refresh
         self.port = 0
-        self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[Any]] = set()
+        app = web.Application()
+        app.router.add_get("/metrics", self._scrape)
+        self._runner = web.AppRunner(app, access_log=None)
         # one scrape at a time: two refreshes interleaved could feed an engine counter an older total
         # after a newer one, which would read as an engine restart
         self._scraping = asyncio.Lock()
 
     async def start(self, host: str, port: int) -> int:
         """Listen on host:port (0: a free port); returns the port."""
+        await self._runner.setup()
         try:
-            self._server = await asyncio.start_server(self._answer, host, port)
+            await web.TCPSite(self._runner, host, port).start()
         except OSError as e:
+            await self._runner.cleanup()
             raise CannotListen(f"--metrics-port: cannot listen on {host}:{port} ({e.strerror})") from None
-        self.port = int(self._server.sockets[0].getsockname()[1])
+        self.port = int(self._runner.addresses[0][1])
         return self.port
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-        for task in list(self._connections):
-            task.cancel()
-        await asyncio.gather(*self._connections, return_exceptions=True)
+        await self._runner.cleanup()
 
-    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._connections.add(task)
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT_S)
-            status, content_type, body = await self._response(head[:MAX_HEAD_BYTES].decode("latin-1"))
-            writer.write(
-                f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
-                f"Connection: close\r\n\r\n".encode("latin-1")
-                + body
-            )
-            await writer.drain()
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError):
-            pass  # the scraper left or sent no request: nothing to answer
-        finally:
-            self._connections.discard(task)
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
-
-    async def _response(self, head: str) -> tuple[str, str, bytes]:
-        """(status, content type, body) for a request head, e.g. "GET /metrics HTTP/1.1\r\n..."."""
-        method, _, rest = head.partition(" ")
-        path = rest.partition(" ")[0].partition("?")[0]
-        if path != "/metrics":
-            return "404 Not Found", "text/plain; charset=utf-8", b"statemesh serves only /metrics here\n"
-        if method != "GET":
-            return "405 Method Not Allowed", "text/plain; charset=utf-8", b"use GET /metrics\n"
-        accept = ""
-        for line in head.split("\r\n")[1:]:
-            name, _, value = line.partition(":")
-            if name.strip().lower() == "accept":
-                accept = value.strip()
-        encoder, content_type = choose_encoder(accept)
+    async def _scrape(self, request: web.Request) -> web.Response:
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
         async with self._scraping:
             try:
                 await self.refresh()
             except Exception as error:  # a scrape that cannot read the replicas says why, and the server goes on
-                return "500 Internal Server Error", "text/plain; charset=utf-8", f"refresh failed: {error!r}\n".encode()
-            return "200 OK", content_type, encoder(self.metrics.registry)
+                return web.Response(status=500, text=f"refresh failed: {error!r}\n")
+            return web.Response(body=encoder(self.metrics.registry), headers={"Content-Type": content_type})

@@ -146,16 +146,16 @@ class PipelineMemory(Memory):
         piece that also ends it has replaced recurrent states, which cannot come back: the engine
         drops a sequence whose piece failed)."""
         data = bytes(data)
-        span = snapshot_format.decode(data, max_bytes=self.max_snapshot_bytes).span
         done: list[int] = []
         try:
             for i in range(1 + len(self.stages)):
                 self._call(i, "state_read", data, seq)
                 done.append(i)
         except BaseException:
-            if seq is not None:
+            if seq is not None and done:  # stage 0 read it, so it decodes: where a piece began
+                p0 = snapshot_format.decode(data).span.p0
                 for i in done:
-                    self._call(i, "seq_rm", seq, span.p0 or None, None)
+                    self._call(i, "seq_rm", seq, p0 or None, None)
             raise
 
     @property

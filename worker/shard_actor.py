@@ -172,14 +172,9 @@ class ShardWorker:
         """Run one request; yields its events, one list per engine step that produced some (more
         when the caller reads slower than the engine steps), the last with the finish reason.
         Raises before the first yield when the request is refused (nothing queued then)."""
-        loop = asyncio.get_running_loop()
-        inbox: asyncio.Queue[Event] = asyncio.Queue()
-
-        def listener(batch: Event) -> None:
-            loop.call_soon_threadsafe(inbox.put_nowait, batch)
-
-        await asyncio.wrap_future(self.loop.submit(lambda e: self._request(e, order), listener, order.replay))
-        async for events in _forward(inbox, order.request_id):
+        inbox = _Inbox()
+        await asyncio.wrap_future(self.loop.submit(lambda e: self._request(e, order), inbox.put, order.replay))
+        async for events in _forward(inbox.queue, order.request_id):
             yield events
 
     async def resume(
@@ -188,15 +183,10 @@ class ShardWorker:
         """Continue a request another worker detached (its `SequenceState`; after a pre-copy into
         `migration_id`, its last piece); yields the state's size in bytes once it is queued here
         (the handover is done), then its events as `generate` does."""
-        loop = asyncio.get_running_loop()
-        inbox: asyncio.Queue[Event] = asyncio.Queue()
-
-        def listener(batch: Event) -> None:
-            loop.call_soon_threadsafe(inbox.put_nowait, batch)
-
-        request_id = await asyncio.wrap_future(self.loop.attach(state, listener, migration_id))
+        inbox = _Inbox()
+        request_id = await asyncio.wrap_future(self.loop.attach(state, inbox.put, migration_id))
         yield len(state)
-        async for events in _forward(inbox, request_id):
+        async for events in _forward(inbox.queue, request_id):
             yield events
 
     async def recover(
@@ -204,29 +194,19 @@ class ShardWorker:
     ) -> AsyncIterator[list[TokenEvent] | Checkpoint | int]:
         """Continue a request whose worker died, from its recovery checkpoints and the tokens since
         (`Engine.recover`); yields 0 once it is queued here, then its events as `generate` does."""
-        loop = asyncio.get_running_loop()
-        inbox: asyncio.Queue[Event] = asyncio.Queue()
-
-        def listener(batch: Event) -> None:
-            loop.call_soon_threadsafe(inbox.put_nowait, batch)
-
-        request_id = await asyncio.wrap_future(self.loop.recover(chain, replay, recovery_id, listener))
+        inbox = _Inbox()
+        request_id = await asyncio.wrap_future(self.loop.recover(chain, replay, recovery_id, inbox.put))
         yield 0
-        async for events in _forward(inbox, request_id):
+        async for events in _forward(inbox.queue, request_id):
             yield events
 
     async def reattach(self, request_id: str) -> AsyncIterator[list[TokenEvent] | Checkpoint | int]:
         """A request parked here by `detach(park=True)` goes on here (its move failed); yields 0 once
         it runs again, then its events as `generate` does."""
-        loop = asyncio.get_running_loop()
-        inbox: asyncio.Queue[Event] = asyncio.Queue()
-
-        def listener(batch: Event) -> None:
-            loop.call_soon_threadsafe(inbox.put_nowait, batch)
-
-        await asyncio.wrap_future(self.loop.reattach(request_id, listener))
+        inbox = _Inbox()
+        await asyncio.wrap_future(self.loop.reattach(request_id, inbox.put))
         yield 0
-        async for events in _forward(inbox, request_id):
+        async for events in _forward(inbox.queue, request_id):
             yield events
 
     async def detach(
@@ -315,6 +295,18 @@ class ShardWorker:
 
     async def shutdown(self) -> None:
         self.loop.stop()
+
+
+class _Inbox:
+    """A request's events, handed from the engine's thread (`put`, its listener) to the actor's
+    event loop (`queue`)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+
+    def put(self, batch: Event) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, batch)
 
 
 async def _forward(inbox: asyncio.Queue[Event], request_id: str) -> AsyncIterator[list[TokenEvent] | Checkpoint]:

@@ -386,11 +386,7 @@ class Engine:
         with its id refuses (the request goes on where it was)."""
         seq = self.incoming.get(migration_id)
         if seq is None:
-            while not self.free_seqs and self._evict_one():
-                pass
-            if not self.free_seqs:
-                raise MemoryFull(f"no free sequence id for incoming migration {migration_id!r}")
-            seq = self.incoming[migration_id] = self.free_seqs.pop()
+            seq = self._reserve(migration_id)
         try:
             if not self._read_state(bytes(piece), seq):
                 raise MemoryFull(f"no room for a piece of incoming migration {migration_id!r} ({self.memory.stats()})")
@@ -492,12 +488,13 @@ class Engine:
         finally:
             self.abort_incoming(recovery_id)  # a no-op when it went well (attach took the id)
 
-    def _reserve(self, migration_id: str) -> None:
-        while not self.free_seqs and self._evict_one():
-            pass
-        if not self.free_seqs:
+    def _reserve(self, migration_id: str) -> int:
+        """A sequence id kept for what a migration or a recovery brings here."""
+        seq = self._free_seq()
+        if seq is None:
             raise MemoryFull(f"no free sequence id for {migration_id!r}")
-        self.incoming[migration_id] = self.free_seqs.pop()
+        self.incoming[migration_id] = seq
+        return seq
 
     def _replay(self, s: _Sequence, tokens: tuple[int, ...]) -> None:
         """Take `tokens` as s's next outputs, as if it had sampled them: its sampler records each
@@ -594,10 +591,8 @@ class Engine:
         """Read a one-sequence snapshot that holds `fed` tokens into a free sequence id, evicting
         idle sessions for room; None when there is none, after checking it as far as memory can
         without reading it (its format, its model). SnapshotError when it is bad."""
-        while not self.free_seqs and self._evict_one():
-            pass
-        if self.free_seqs:
-            seq = self.free_seqs.pop()
+        seq = self._free_seq()
+        if seq is not None:
             try:
                 if not self._read_state(data, seq):
                     self.free_seqs.append(seq)
@@ -629,10 +624,8 @@ class Engine:
         source = self._idle_session(name)
         fork = Session(new_name, list(source.tokens), list(source.history), last_used=next(self._arrivals))
         if source.seq is not None and source.tokens:
-            while not self.free_seqs and self._evict_one(keep=source.seq):
-                pass
-            if self.free_seqs:
-                fork.seq = self.free_seqs.pop()
+            fork.seq = self._free_seq(keep=source.seq)
+            if fork.seq is not None:
                 self.memory.seq_cp(source.seq, fork.seq)
             else:  # no sequence id to share with: the fork keeps a copy on the host
                 fork.snapshot = self.memory.state_write(source.seq)
@@ -663,11 +656,9 @@ class Engine:
     def _restore_for_cut(self, session: Session) -> bool:
         """Bring an evicted session's state back into memory (so it can be cut); False if no room."""
         assert session.snapshot is not None
-        while not self.free_seqs and self._evict_one():
-            pass
-        if not self.free_seqs:
+        seq = self._free_seq()
+        if seq is None:
             return False
-        seq = self.free_seqs.pop()
         if not self._read_state(session.snapshot, seq):
             self.free_seqs.append(seq)
             return False
@@ -808,11 +799,9 @@ class Engine:
         if session is not None and session.seq is not None:
             s.seq = session.seq
         else:
-            while not self.free_seqs and self._evict_one():
-                pass
-            if not self.free_seqs:
+            s.seq = self._free_seq()
+            if s.seq is None:
                 return False
-            s.seq = self.free_seqs.pop()
             restored = session is None or session.snapshot is None or self._restore(session, s.seq)
             if not restored or (s.swapped is not None and not self._swap_in(s)):
                 self.free_seqs.append(s.seq)  # nothing was read into it
@@ -902,6 +891,13 @@ class Engine:
         self.counters["session_restores"] += 1
         self._restored_in_step.add(session.name)
         return True
+
+    def _free_seq(self, keep: int | None = None) -> int | None:
+        """A sequence id to use, evicting idle sessions (but `keep`'s) until one is free; None when
+        none can be."""
+        while not self.free_seqs and self._evict_one(keep=keep):
+            pass
+        return self.free_seqs.pop() if self.free_seqs else None
 
     def _evict_one(self, keep: int | None = None, spare: Collection[str] = ()) -> bool:
         """Move the least recently used idle session's state (but `keep`'s, and those in `spare`) out
