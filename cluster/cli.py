@@ -1,8 +1,9 @@
 """`statemesh`, the command line of API.md: `serve` runs the service; `generate` streams a prompt's
-text from a running one.
+text from a running one; `batch` runs a file of prompts offline (cluster/batch.py).
 
     statemesh serve [--model PATH] [--replicas N] [--port P] ...
     statemesh generate "The capital of France is" --max-tokens 16 --temperature 0
+    statemesh batch prompts.jsonl out.jsonl [--replicas N] [--address A]
 """
 
 from __future__ import annotations
@@ -85,6 +86,36 @@ def _ensure_session(client: object, session_id: str) -> None:
         client.create_session(session_id)
 
 
+def _batch(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from statemesh.cluster.batch import BatchConfig, main
+    from statemesh.cluster.ray_cluster import RayOptions
+    from statemesh.worker.loading.loader import default_model_path
+
+    if args.model is not None and not os.path.exists(args.model):
+        print(f"statemesh batch: --model {args.model}: no such file or folder; expected a GGUF file or a "
+              "Hugging Face folder", file=sys.stderr)  # fmt: skip
+        return 2
+    model = os.path.abspath(args.model) if args.model else str(default_model_path())
+    ray_address = args.ray_address or os.environ.get("RAY_ADDRESS") or None  # set by `ray job submit`
+    try:
+        engine = EngineConfig(n_ctx=args.n_ctx, n_seq_max=args.max_seqs)
+        if args.replicas < 1 or (args.concurrency is not None and args.concurrency < 1):
+            raise ValueError(f"--replicas and --concurrency must be 1 or more, got {args.replicas} and "
+                             f"{args.concurrency}")  # fmt: skip
+        tls_ca = Path(args.tls_ca).read_bytes() if args.tls_ca else None
+    except (ValueError, OSError) as e:
+        print(f"statemesh batch: {e}", file=sys.stderr)
+        return 2
+    config = BatchConfig(
+        input=Path(args.input), output=Path(args.output), model_path=model, replicas=args.replicas, engine=engine,
+        ray=RayOptions(address=ray_address, num_cpus=args.num_cpus), address=args.address,
+        token=args.token or os.environ.get("STATEMESH_TOKEN"), tls_ca=tls_ca, concurrency=args.concurrency,
+    )  # fmt: skip
+    return main(config)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="statemesh", description="distributed LLM inference over one memory interface")
     sub = p.add_subparsers(dest="command", required=True)
@@ -138,6 +169,37 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--token", help="bearer token (default: $STATEMESH_TOKEN)")
     gen.add_argument("--tls-ca", help="a PEM file of the CA that signed the server's certificate (TLS)")
     gen.set_defaults(run=_generate)
+
+    batch = sub.add_parser(
+        "batch", help="generate for every line of a JSONL file, offline, resumable",
+        description="One JSON object a line in IN: the prompt as \"prompt\" (text), \"token_ids\" or chat "
+        "\"messages\"; an optional \"id\" (default: the line number); sampling fields by their SamplingParams "
+        "names (max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, "
+        "frequency_penalty, seed, logprobs, stop, stop_token_ids, ignore_eos). One object a line out to OUT as "
+        "each request finishes, in any order: id, text, token_ids, finish_reason, usage. Bad input lines (not "
+        "JSON, no prompt, unknown field, bad sampling value, repeated id) stop the run before anything starts, "
+        "each reported with its line number (exit 2). A line the model refuses (prompt longer than the context, "
+        "token id outside the vocabulary, messages without a chat template) gets {\"id\", \"error\"} in OUT and "
+        "the run goes on (exit 1). A rerun with the same OUT skips the ids it holds (delete error lines to "
+        "retry them) and redoes a last line cut short. A progress bar on a terminal; one line of throughput "
+        "on stderr at the end.",
+    )  # fmt: skip
+    batch.add_argument("input", metavar="IN.jsonl")
+    batch.add_argument("output", metavar="OUT.jsonl")
+    batch.add_argument("--model", help="a GGUF file or a Hugging Face folder (default: SmolLM2-135M-Instruct)")
+    batch.add_argument("--replicas", type=int, default=1, help="replicas to start (not with --address)")
+    batch.add_argument("--address", help="send to the server running here (host:port) instead of starting replicas")
+    batch.add_argument(
+        "--ray-address", help="start the replicas on this Ray cluster (default: $RAY_ADDRESS, which `ray job submit` "
+        "sets; without it: an embedded local cluster on loopback)",
+    )  # fmt: skip
+    batch.add_argument("--num-cpus", type=int, help="CPUs of the embedded Ray cluster (default: the machine's)")
+    batch.add_argument("--n-ctx", type=int, default=4096, help="token cells of each replica's KV cache")
+    batch.add_argument("--max-seqs", type=int, default=32, help="sequences each replica runs at once")
+    batch.add_argument("--concurrency", type=int, help="requests in flight (default: 2 x replicas x --max-seqs)")
+    batch.add_argument("--token", help="with --address: bearer token (default: $STATEMESH_TOKEN)")
+    batch.add_argument("--tls-ca", help="with --address: a PEM file of the CA that signed the server's certificate")
+    batch.set_defaults(run=_batch)
     return p
 
 
