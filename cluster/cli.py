@@ -32,6 +32,7 @@ def _serve(args: argparse.Namespace) -> int:
             port=args.port, backends=parse_backends(args.backend), engine=engine,
             ray=RayOptions(address=args.ray_address, num_cpus=args.num_cpus), max_in_flight=args.max_in_flight,
             token=token, tls=tls, metrics_port=args.metrics_port, http_port=args.http_port,
+            snapshot_dir=args.snapshot_dir,
         )  # fmt: skip
     except (ValueError, AuthConfigError) as e:
         print(f"statemesh serve: {e}", file=sys.stderr)
@@ -44,7 +45,12 @@ def _serve(args: argparse.Namespace) -> int:
     except (PlacementError, CannotListen) as e:  # the cluster cannot hold the replicas, a port is taken: no traceback
         print(f"statemesh serve: {e}", file=sys.stderr)
         return 1
-    return 0
+    # Everything is stopped (run_service's teardown: the server, the workers, Ray). Leave without the
+    # interpreter's own teardown, where the Ray core library's destructors have been seen to abort
+    # the process (exit -6) on a loaded machine after a clean shutdown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _loopback(host: str) -> bool:
@@ -137,6 +143,11 @@ def parser() -> argparse.ArgumentParser:
         help="a recovery checkpoint of each running request every K tokens (the cells since the last one, "
         "and its recurrent and sampler state): a request whose worker dies goes on elsewhere from there (0: none)",
     )  # fmt: skip
+    serve.add_argument(
+        "--snapshot-dir",
+        help="save each session's state here as its turns end (a file per session): sessions then survive a "
+        "restart of the server on the same directory (default: kept in memory, lost with the server)",
+    )
     serve.add_argument(
         "--backend",
         default="numpy",

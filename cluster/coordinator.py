@@ -2,9 +2,11 @@
 cluster's view. It knows nothing of gRPC (`server.py` turns protobuf into these calls and errors
 into status codes) and reaches the replicas only through their Ray actor handles.
 
-A request's tokens come from its replica's engine as a Ray streaming generator: one list of events
-per engine step, never a call per token, never a call per step from here. A request whose caller
-goes away (cancelled, deadline passed) is cancelled on its replica, which frees its memory.
+A request's tokens come from its replica's engine through the replica's one event stream
+(`ReplicaEvents`: one Ray message per engine step for all the replica's requests, never a call per
+token, never a call per step from here), each request reading its own `Feed` of it. A request
+whose caller goes away (cancelled, deadline passed) is cancelled on its replica, which frees its
+memory.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import dataclasses
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +25,10 @@ import ray
 
 from statemesh.cluster import ray_cluster, router
 from statemesh.cluster.errors import AlreadyExists, Busy, InvalidRequest, NotFound, Unavailable
+from statemesh.cluster.ray_cluster import Placement
 from statemesh.cluster.replica import Replica
+from statemesh.cluster.replica_events import Feed, ReplicaEvents
+from statemesh.cluster.saved_sessions import SavedSessions
 from statemesh.worker.engine.engine import Checkpoint, TokenEvent, UnknownRequest
 from statemesh.worker.engine.sampling import SamplingParams
 from statemesh.worker.shard_actor import GenerateOrder
@@ -40,6 +45,8 @@ PRECOPY_PIECE_TOKENS = 512
 PRECOPY_DONE_TOKENS = 32
 PRECOPY_MAX_ROUNDS = 64
 LIVENESS_TIMEOUT_S = 10.0  # a worker that does not answer within this is taken for dead
+REBUILD_RETRY_S = 5.0  # a dead replica's rebuild waits this long for room before it tries again
+WATCH_PERIOD_S = 2.0  # how often the coordinator looks for replicas that died with nothing running
 ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:/")
 MAX_ID = 128
 
@@ -158,6 +165,8 @@ class Counters:
     cached_tokens: int = 0
     migrations: int = 0
     recoveries: int = 0
+    sessions_recovered: int = 0
+    replicas_rebuilt: int = 0
 
 
 @dataclass
@@ -170,7 +179,12 @@ class Coordinator:
     request_sessions: dict[str, str] = field(default_factory=dict)  # running request id -> its session
     sessions: dict[str, Replica] = field(default_factory=dict)
     counters: Counters = field(default_factory=Counters)
-    _moves: dict[str, asyncio.Future[tuple[Replica, Any]]] = field(default_factory=dict)  # handovers in flight
+    saved: SavedSessions = field(default_factory=SavedSessions)  # each session's state as of its last turn
+    # starts a dead replica's workers again (service.py); None: a dead replica stays dead
+    rebuild: Callable[[Replica], Awaitable[Placement]] | None = None
+    _rebuilding: set[str] = field(default_factory=set)
+    _orphans: dict[str, Replica] = field(default_factory=dict)  # session id -> the dead replica that held it
+    _moves: dict[str, asyncio.Future[tuple[Replica, Feed]]] = field(default_factory=dict)  # handovers in flight
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
     # ---- lookups ---------------------------------------------------------------------------------
@@ -237,18 +251,19 @@ class Coordinator:
             self.request_sessions[request_id] = call.session_id
         replica.in_flight.add(request_id)
         finished, produced = False, 0
+        feed: Feed | None = None
         try:
             order = GenerateOrder(request_id, tuple(ids), _seeded(call.params), call.session_id)
             recovery = Recovery(order)
-            stream = replica.engine.generate.options(num_returns="streaming").remote(order)
+            feed = self._feed(replica, request_id)
+            await _unwrapped(replica.engine.generate.remote(order))  # refused: raises, nothing queued
             while not finished:
                 try:
-                    async for ref in stream:
-                        events: list[TokenEvent] | Checkpoint | int = await _unwrapped(ref)
+                    async for events in feed:
                         if isinstance(events, Checkpoint):
                             recovery.checkpointed(events)
                             continue
-                        if isinstance(events, int) or not events:  # a handover's acknowledgement
+                        if not events:
                             continue
                         replica.remember_prefix(keys)
                         n_tokens = sum(1 for e in events if e.token >= 0)
@@ -263,23 +278,28 @@ class Coordinator:
                             usage = self._account(last, produced)
                             if timer is not None:
                                 timer.finished(usage.prompt_tokens)
+                            if call.session_id is not None:  # before the caller can send the next turn
+                                await self._save_turn(call.session_id, replica, recovery)
                         yield Chunk(request_id, events, replica.replica_id, last.finish_reason or "", usage)
                 except (Unavailable, RuntimeError, ray.exceptions.RayActorError):
                     if not await self._lost(replica):
                         raise  # its replica lives: a real error, the caller hears it
-                    replica, stream = await self._recover(request_id, recovery, replica)
+                    replica, feed = await self._recover(request_id, recovery, replica)
                     keys = []
                     continue
-                if not finished:  # the stream ended unfinished: the request moved; splice its new stream
-                    replica, stream = await self._next_stream(request_id, replica)
+                if not finished:  # its feed ended unfinished: the request moved; splice its new feed
+                    replica, feed = await self._next_feed(request_id, replica)
                     keys = []
         finally:
+            if feed is not None:
+                feed.close()
             self.request_sessions.pop(request_id, None)
             replica = self.requests.pop(request_id, replica)
             replica.in_flight.discard(request_id)
             move = self._moves.pop(request_id, None)
             if move is not None and move.done() and not move.cancelled():
-                replica = move.result()[0]  # it left mid-handover: it runs there now
+                replica, moved_feed = move.result()  # it left mid-handover: it runs there now
+                moved_feed.close()
             if not finished:  # the caller left (or the stream broke): free the request's memory
                 self._spawn(self._cancel_on(replica, request_id))
 
@@ -294,12 +314,119 @@ class Coordinator:
             return False
         except (ray.exceptions.RayActorError, TimeoutError):
             if replica.state != "dead":
-                replica.state = "dead"
-                with contextlib.suppress(Exception):  # what is left of it: its other workers, its reservation
-                    ray_cluster.release(replica.placement)
+                self._died(replica)
             return True
 
-    async def _recover(self, request_id: str, recovery: Recovery, dead: Replica) -> tuple[Replica, Any]:
+    def _died(self, replica: Replica) -> None:
+        """`replica` is gone: free what is left of it (its other workers, its reservation), bring its
+        idle sessions back elsewhere, and start it again where the cluster has room."""
+        replica.state = "dead"
+        replica.in_flight.clear()
+        with contextlib.suppress(Exception):
+            ray_cluster.release(replica.placement)
+        self._orphans.update({sid: replica for sid, r in self.sessions.items() if r is replica})
+        self._spawn(self._recover_sessions())
+        if self.rebuild is not None and replica.replica_id not in self._rebuilding:
+            self._rebuilding.add(replica.replica_id)
+            self._spawn(self._rebuild(replica))
+
+    async def _rebuild(self, replica: Replica) -> None:
+        """Start a dead replica's workers again (ListReplicas shows it `starting`, then `ready`);
+        where the cluster has no room for them yet, try again every REBUILD_RETRY_S."""
+        assert self.rebuild is not None
+        try:
+            while True:
+                replica.state = "starting"
+                try:
+                    placement = await self.rebuild(replica)
+                    workers = [await actor.info.remote() for actor in placement.actors]
+                except Exception as error:  # no room yet (PlacementError), or a worker failed as it started
+                    replica.state = "dead"
+                    replica.last_error = f"{type(error).__name__}: {error}"
+                    await asyncio.sleep(REBUILD_RETRY_S)
+                    continue
+                replica.actors, replica.placement, replica.workers = placement.actors, placement, workers
+                replica.events, replica.last_error = None, ""
+                replica.prefix_keys.clear()
+                replica.state = "ready"
+                self.counters.replicas_rebuilt += 1
+                await self._recover_sessions()  # those that waited for a replica
+                return
+        finally:
+            self._rebuilding.discard(replica.replica_id)
+
+    async def _recover_sessions(self) -> None:
+        """Each idle session whose replica died, restored on a ready replica from its saved chain
+        (`SavedSessions`: as of its last turn). A session in a turn comes back with its request
+        (`_recover`); one never saved stays lost (its calls say so)."""
+        for session_id, replica in list(self._orphans.items()):
+            if self.sessions.get(session_id) is not replica:  # deleted, or back with its turn's request
+                self._orphans.pop(session_id, None)
+                continue
+            chain = self.saved.get(session_id)
+            if chain is None:  # never saved (a save failed): lost; its calls say so
+                self._orphans.pop(session_id, None)
+                continue
+            ready = [r for r in self.replicas if r.state == "ready"]
+            if not ready or session_id in self.request_sessions.values():
+                continue  # tried again when a replica is rebuilt
+            target = min(ready, key=lambda r: r.load)
+            try:
+                await self._restore_session(target, session_id, chain)
+            except Exception:  # tried again when a replica is rebuilt
+                continue
+            if self.sessions.get(session_id) is replica:
+                self.sessions[session_id] = target
+                self._orphans.pop(session_id, None)
+                self.counters.sessions_recovered += 1
+                if self.metrics is not None:
+                    self.metrics.recovered()
+
+    @staticmethod
+    async def _restore_session(replica: Replica, session_id: str, chain: list[bytes]) -> None:
+        if chain:
+            await _unwrapped(replica.engine.restore_session.remote(session_id, chain))
+        else:
+            await _unwrapped(replica.engine.open_session.remote(session_id))
+
+    async def restore_saved(self) -> list[tuple[str, str]]:
+        """The sessions a `--snapshot-dir` holds, restored on the ready replicas (a server started
+        again on the directory); returns those that could not be, with why."""
+        failed = []
+        for session_id, chain in self.saved.load().items():
+            ready = [r for r in self.replicas if r.state == "ready"]
+            if not ready:
+                failed.append((session_id, "no replica is ready"))
+                continue
+            target = min(ready, key=lambda r: len([s for s in self.sessions.values() if s is r]))
+            try:
+                await self._restore_session(target, session_id, chain)
+            except Exception as error:
+                failed.append((session_id, f"{type(error).__name__}: {error}"))
+                continue
+            self.sessions[session_id] = target
+        return failed
+
+    async def _save_turn(self, session_id: str, replica: Replica, recovery: Recovery) -> None:
+        """Save a session as its turn ends: the turn's recovery checkpoints and the piece since the
+        last of them (the whole state where there is none). A save that fails leaves no stale state
+        behind: the session is then not saved until its next turn."""
+        chain = [c.data for c in recovery.chain]
+        p0 = recovery.chain[-1].fed if recovery.chain else 0
+        try:
+            piece, start = await _unwrapped(replica.engine.session_piece.remote(session_id, p0))
+        except Exception:
+            self.saved.forget(session_id)
+            return
+        self.saved.save(session_id, [*chain, piece] if start else [piece])
+
+    def _feed(self, replica: Replica, request_id: str) -> Feed:
+        """A feed of `request_id`'s events on `replica`, opened before the call that starts it there."""
+        if replica.events is None:
+            replica.events = ReplicaEvents(replica.engine, replica.replica_id)
+        return replica.events.open(request_id)
+
+    async def _recover(self, request_id: str, recovery: Recovery, dead: Replica) -> tuple[Replica, Feed]:
         """Go on with a request whose replica died, on another: from its recovery checkpoints, the
         tokens since replayed (not sampled or sent again); or, before its first checkpoint, from its
         prompt with the same seed, every token it sent replayed. UNAVAILABLE when no replica is left."""
@@ -308,18 +435,30 @@ class Coordinator:
             raise Unavailable(f"request {request_id}'s replica {dead.replica_id} died and no other replica is "
                               "ready to recover it; retry later")  # fmt: skip
         target = min(ready, key=lambda r: r.load)
-        if recovery.chain:
-            replay = tuple(recovery.delivered[recovery.chain[-1].n_outputs :])
-            chain = [c.data for c in recovery.chain]
-            stream = target.engine.recover.options(num_returns="streaming").remote(
-                chain, replay, f"recovery-{uuid.uuid4().hex[:12]}"
-            )
-        elif recovery.order.session is None:
-            order = dataclasses.replace(recovery.order, replay=tuple(recovery.delivered))
-            stream = target.engine.generate.options(num_returns="streaming").remote(order)
-        else:  # a session's turn before its first checkpoint: the session's history died with it
-            raise Unavailable(f"request {request_id}'s replica {dead.replica_id} died before its first checkpoint, "
-                              "and its session with it; start the conversation again")  # fmt: skip
+        session_chain = None
+        if not recovery.chain and recovery.order.session is not None:
+            # a session's turn before its first checkpoint: the session as of its last turn, then the turn again
+            session_chain = self.saved.get(recovery.order.session)
+            if session_chain is None:
+                raise Unavailable(f"request {request_id}'s replica {dead.replica_id} died before its first "
+                                  "checkpoint, and its session (never saved) with it; start the conversation "
+                                  "again")  # fmt: skip
+        feed = self._feed(target, request_id)
+        try:
+            if session_chain is not None:
+                assert recovery.order.session is not None
+                await self._restore_session(target, recovery.order.session, session_chain)
+            if recovery.chain:
+                replay = tuple(recovery.delivered[recovery.chain[-1].n_outputs :])
+                chain = [c.data for c in recovery.chain]
+                recovery_id = f"recovery-{uuid.uuid4().hex[:12]}"
+                await _unwrapped(target.engine.recover.remote(chain, replay, recovery_id, request_id))
+            else:
+                order = dataclasses.replace(recovery.order, replay=tuple(recovery.delivered))
+                await _unwrapped(target.engine.generate.remote(order))
+        except BaseException:
+            feed.close()
+            raise
         # the target goes on with the chain (its memory is what the chain says, and the replayed
         # tokens' cells are its own): its next checkpoint is the piece after the last one here
         dead.in_flight.discard(request_id)
@@ -331,19 +470,19 @@ class Coordinator:
         self.counters.recoveries += 1
         if self.metrics is not None:
             self.metrics.recovered()
-        return target, stream
+        return target, feed
 
-    async def _next_stream(self, request_id: str, replica: Replica) -> tuple[Replica, Any]:
-        """Where a request whose stream ended unfinished goes on: the handover its migration set."""
+    async def _next_feed(self, request_id: str, replica: Replica) -> tuple[Replica, Feed]:
+        """Where a request whose feed ended unfinished goes on: the handover its migration set."""
         move = self._moves.get(request_id)
         if move is None:
             raise Unavailable(f"replica {replica.replica_id} ended request {request_id}'s stream unfinished")
-        target, stream = await move
+        target, feed = await move
         self._moves.pop(request_id, None)
         replica.in_flight.discard(request_id)
         target.in_flight.add(request_id)
         self.requests[request_id] = target
-        return target, stream
+        return target, feed
 
     async def migrate_request(self, request_id: str, target_id: str | None) -> Migration:
         """Move a running request, with its state, to another replica, live (Llumnix's pre-copy):
@@ -358,7 +497,7 @@ class Coordinator:
         if request_id in self._moves:
             raise Busy(f"request {request_id!r} is being migrated already")
         target = self._target(source, target_id)
-        move: asyncio.Future[tuple[Replica, Any]] = asyncio.get_running_loop().create_future()
+        move: asyncio.Future[tuple[Replica, Feed]] = asyncio.get_running_loop().create_future()
         self._moves[request_id] = move
         migration_id = f"mig-{uuid.uuid4().hex[:16]}"
         try:
@@ -373,12 +512,13 @@ class Coordinator:
                        f"it goes on on {source.replica_id}") from error  # fmt: skip
         paused = time.monotonic()
         state = source.engine.detach.remote(request_id, done.sent, done.epoch, True)  # parked: held until released
-        try:
-            stream = target.engine.resume.options(num_returns="streaming").remote(
-                state, migration_id if done.rounds else None
+        feed = self._feed(target, request_id)
+        try:  # returns once the target has queued it
+            size = await _unwrapped(
+                target.engine.resume.remote(state, request_id, migration_id if done.rounds else None)
             )
-            size = await _unwrapped(await stream.__anext__())  # once the target has queued it
         except BaseException as error:
+            feed.close()
             await self._quietly(target.engine.abort_incoming.remote(migration_id))
             try:
                 await _unwrapped(state)  # did it leave the source?
@@ -386,13 +526,13 @@ class Coordinator:
                 self._moves.pop(request_id, None)
                 move.cancel()
                 raise error from None  # it never left: it runs on where it was
-            back = source.engine.reattach.options(num_returns="streaming").remote(request_id)
-            await _unwrapped(await back.__anext__())
+            back = self._feed(source, request_id)
+            await _unwrapped(source.engine.reattach.remote(request_id))
             move.set_result((source, back))
             raise Busy(f"replica {target.replica_id} could not take request {request_id} ({error}); "
                        f"it goes on on {source.replica_id}") from error  # fmt: skip
         pause_ms = (time.monotonic() - paused) * 1000
-        move.set_result((target, stream))
+        move.set_result((target, feed))
         await self._quietly(source.engine.release.remote(request_id))  # its memory there is free again
         session = self.request_sessions.get(request_id)
         if session is not None:  # a session's turn brings the session along
@@ -467,6 +607,7 @@ class Coordinator:
         except BaseException:
             self.sessions.pop(session_id, None)
             raise
+        self.saved.save(session_id, [])
         return await self.get_session(session_id)
 
     async def get_session(self, session_id: str) -> SessionView:
@@ -492,8 +633,10 @@ class Coordinator:
         replica = self.sessions.get(session_id)
         if replica is None:
             raise NotFound(f"no session {session_id!r}")
-        await _unwrapped(replica.engine.drop_session.remote(session_id))  # SessionBusy: nothing changed
+        if replica.state != "dead":
+            await _unwrapped(replica.engine.drop_session.remote(session_id))  # SessionBusy: nothing changed
         self.sessions.pop(session_id, None)
+        self.saved.forget(session_id)
 
     async def fork_session(self, session_id: str, new_id: str | None) -> SessionView:
         """A copy of a session on its replica, sharing its state (copy-on-write where memory can)."""
@@ -508,11 +651,18 @@ class Coordinator:
         except BaseException:
             self.sessions.pop(new_id, None)
             raise
+        chain = self.saved.get(session_id)
+        if chain is not None:  # the fork holds what its source holds
+            self.saved.save(new_id, chain)
         return await self.get_session(new_id)
 
     async def truncate_session(self, session_id: str, n_tokens: int) -> SessionView:
         replica = self.session_replica(session_id)
         await _unwrapped(replica.engine.truncate_session.remote(session_id, n_tokens))
+        try:  # saved whole: a cut is rare, and its pieces would not line up with the old chain's
+            self.saved.save(session_id, [bytes(await _unwrapped(replica.engine.export_session.remote(session_id)))])
+        except Exception:
+            self.saved.forget(session_id)
         return await self.get_session(session_id)
 
     async def export_session(self, session_id: str) -> bytes:
@@ -538,6 +688,7 @@ class Coordinator:
         except BaseException:
             self.sessions.pop(session_id, None)
             raise
+        self.saved.save(session_id, [data])
         return await self.get_session(session_id)
 
     async def migrate_session(self, session_id: str, target_id: str | None) -> Migration:
@@ -545,15 +696,14 @@ class Coordinator:
         store (never through here); on any failure it stays where it was."""
         source = self.session_replica(session_id)
         target = self._target(source, target_id)
-        started = time.monotonic()
         state = source.engine.export_session.remote(session_id)  # an object ref: the bytes stay in Ray
         await _unwrapped(target.engine.import_session.remote(session_id, state))
         self.sessions[session_id] = target
         await _unwrapped(source.engine.drop_session.remote(session_id))
-        pause_ms = (time.monotonic() - started) * 1000
         self.counters.migrations += 1
         size = (await self.get_session(session_id)).state_bytes
-        migration = Migration(source.replica_id, target.replica_id, size, pause_ms)
+        # pause 0: an idle session produces no token, so no stream waited for it (the proto's pause_ms)
+        migration = Migration(source.replica_id, target.replica_id, size, 0.0)
         if self.metrics is not None:
             self.metrics.migrated(migration)
         return migration
@@ -615,7 +765,7 @@ class Coordinator:
                     r.workers = [await actor.info.remote() for actor in r.actors]
                     running, waiting, migrating = await r.engine.load.remote()
                 except ray.exceptions.RayActorError:
-                    r.state = "dead"
+                    self._died(r)
             views.append(ReplicaView(r, running, waiting, migrating))
         return views
 
@@ -651,10 +801,24 @@ class Coordinator:
             "recoveries": c.recoveries,
         }
 
+    def start(self) -> None:
+        """Watch the replicas: one that dies with nothing running is noticed too (and rebuilt)."""
+        self._spawn(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(WATCH_PERIOD_S)
+            for replica in self.replicas:
+                if replica.state in ("ready", "draining"):
+                    await self._lost(replica)
+
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        for replica in self.replicas:
+            if replica.events is not None:
+                await replica.events.stop()
 
 
 def check_id(name: str, value: str) -> None:

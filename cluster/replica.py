@@ -8,6 +8,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from statemesh.cluster.replica_events import ReplicaEvents
 from statemesh.worker.shard_actor import WorkerInfo
 
 STATES = ("starting", "ready", "draining", "dead")
@@ -24,6 +25,8 @@ class Replica:
     state: str = "starting"
     in_flight: set[str] = field(default_factory=set)  # request ids the coordinator is streaming from it
     prefix_keys: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
+    events: ReplicaEvents | None = None  # its engine's event stream, opened by the first request
+    last_error: str = ""  # why its last rebuild failed (ListReplicas)
 
     @property
     def engine(self) -> Any:

@@ -10,6 +10,7 @@ import math
 import signal
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from statemesh.cluster import ray_cluster
 from statemesh.cluster.auth import TlsFiles
@@ -17,6 +18,7 @@ from statemesh.cluster.coordinator import Coordinator
 from statemesh.cluster.http_front import HttpFront
 from statemesh.cluster.metrics import Metrics, MetricsEndpoint
 from statemesh.cluster.replica import Replica
+from statemesh.cluster.saved_sessions import SavedSessions
 from statemesh.cluster.server import Server
 from statemesh.worker.engine.engine import EngineConfig
 from statemesh.worker.shard_actor import ShardSpec
@@ -41,6 +43,7 @@ class ServiceConfig:
     metrics_port: int | None = None  # Prometheus /metrics on this port (0: a free one); None: off
     http_port: int | None = None  # the OpenAI-compatible HTTP API on this port (0: a free one); None: off
     token: str | None = field(default=None, repr=False)  # the bearer token every RPC but health's needs
+    snapshot_dir: str | None = None  # sessions saved here survive the server (read back when it starts on it)
     tls: TlsFiles | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -87,17 +90,38 @@ def resolve_backends(requested: tuple[str, ...], gpus_total: float, gpus_free: f
     return tuple(resolved)
 
 
-async def start_replicas(config: ServiceConfig) -> list[Replica]:
+@dataclass(frozen=True)
+class ReplicaBuilder:
+    """How the replicas' workers start: each replica's backend and every worker's CPU share, fixed
+    when the service starts, so a dead replica is rebuilt as it was (`Coordinator.rebuild`)."""
+
+    config: ServiceConfig
+    backends: tuple[str, ...]
+    cpus: float
+
+    async def place(self, i: int) -> ray_cluster.Placement:
+        config = self.config
+        specs = [ShardSpec(f"r{i}", config.model_path, config.engine, self.backends[i], stage, config.stages)
+                 for stage in range(config.stages)]  # fmt: skip
+        gpus = ray_cluster.gpus_per_worker(config.stages) if self.backends[i] == "cupy" else 0.0
+        return await ray_cluster.place_replica(specs, self.cpus, gpus)
+
+    async def rebuild(self, replica: Replica) -> ray_cluster.Placement:
+        return await self.place(int(replica.replica_id.removeprefix("r")))
+
+
+def replica_builder(config: ServiceConfig) -> ReplicaBuilder:
+    backends = resolve_backends(config.requested_backends(), *ray_cluster.gpu_counts())
+    return ReplicaBuilder(config, backends, ray_cluster.cpus_per_worker(config.replicas * config.stages))
+
+
+async def start_replicas(config: ServiceConfig, builder: ReplicaBuilder | None = None) -> list[Replica]:
     """Every replica's workers, started side by side; each returns once its model is loaded. If
     one fails, the others are stopped and its error raised."""
-    backends = resolve_backends(config.requested_backends(), *ray_cluster.gpu_counts())
-    cpus = ray_cluster.cpus_per_worker(config.replicas * config.stages)
+    builder = builder or replica_builder(config)
 
     async def one(i: int) -> Replica:
-        specs = [ShardSpec(f"r{i}", config.model_path, config.engine, backends[i], stage, config.stages)
-                 for stage in range(config.stages)]  # fmt: skip
-        gpus = ray_cluster.gpus_per_worker(config.stages) if backends[i] == "cupy" else 0.0
-        placement = await ray_cluster.place_replica(specs, cpus, gpus)
+        placement = await builder.place(i)
         workers = [await actor.info.remote() for actor in placement.actors]
         return Replica(f"r{i}", workers[0].model, placement.actors, placement, workers, state="ready")
 
@@ -126,7 +150,8 @@ async def run_service(config: ServiceConfig, ready_line: bool = True) -> None:
         await asyncio.get_running_loop().run_in_executor(None, ray_cluster.start_ray, config.ray)
         if stop.is_set():
             return
-        starting = asyncio.ensure_future(start_replicas(config))
+        builder = replica_builder(config)
+        starting = asyncio.ensure_future(start_replicas(config, builder))
         await asyncio.wait([starting, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
         if not starting.done():
             starting.cancel()
@@ -134,7 +159,12 @@ async def run_service(config: ServiceConfig, ready_line: bool = True) -> None:
             return
         replicas = starting.result()
         metrics = Metrics() if config.metrics_port is not None else None
-        coordinator = Coordinator(replicas, config.engine.prefix_block, config.max_in_flight, metrics)
+        saved = SavedSessions(Path(config.snapshot_dir) if config.snapshot_dir else None)
+        coordinator = Coordinator(replicas, config.engine.prefix_block, config.max_in_flight, metrics,
+                                  saved=saved, rebuild=builder.rebuild)  # fmt: skip
+        for session_id, why in await coordinator.restore_saved():
+            print(f"statemesh: session {session_id} in {config.snapshot_dir} not restored: {why}", file=sys.stderr)
+        coordinator.start()
         if metrics is not None and config.metrics_port is not None:
             endpoint = MetricsEndpoint(metrics, lambda: metrics.refresh(coordinator))
             port = await endpoint.start(config.host, config.metrics_port)

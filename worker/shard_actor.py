@@ -2,10 +2,12 @@
 engine in one worker process. The one module of `statemesh.worker` that imports Ray.
 
 The coordinator talks to it with plain data only: `ShardSpec` to start it, `GenerateOrder` for a
-request, `WorkerInfo` and dicts back, and lists of `TokenEvent`s streamed out of `generate` (one
-list per engine step: tokens flow back in batches, never one call a token). The engine runs on its
-own thread (`EngineLoop`); the actor's event loop only queues work and forwards events, so a
-decode step costs no call to the coordinator.
+request, `WorkerInfo` and dicts back. Every request's events leave through one stream, `events`,
+which the coordinator opens once: each of its items holds what every request got since the
+previous one (one engine step's tokens for all of them, usually), so tokens flow back in batches,
+one item a step for the whole replica, never one call a token or a stream a request. The engine
+runs on its own thread (`EngineLoop`); the actor's event loop only queues work and forwards
+events, so a decode step costs no call to the coordinator.
 
 A replica of one stage is one such worker holding every layer. (A pipeline of stages, whose later
 stages hold their layers' memory beside their weights, builds on the same worker.)
@@ -29,10 +31,9 @@ from statemesh.worker.engine.engine import (
     EngineConfig,
     Request,
     SessionBusy,
-    TokenEvent,
     UnknownSession,
 )
-from statemesh.worker.engine.loop import Detached, EngineFailure, EngineLoop, Event
+from statemesh.worker.engine.loop import EngineLoop, Event
 from statemesh.worker.engine.sampling import SamplingParams
 from statemesh.worker.engine.sequence_state import MAX_HEADER_BYTES
 from statemesh.worker.errors import InvalidTokens
@@ -130,6 +131,7 @@ class ShardWorker:
             model = PipelineModel(self.model, ranges, [RayStage(actor) for actor in later])
         self.engine = Engine(model, spec.engine)
         self.loop = EngineLoop(self.engine, name=f"engine {spec.worker_id}")
+        self._outbox: _Outbox | None = None  # made in the actor's event loop, on first use
 
     async def _call(self, fn: Callable[[Engine], T]) -> T:
         return await asyncio.wrap_future(self.loop.call(fn))
@@ -168,46 +170,51 @@ class ShardWorker:
 
     # ---- requests --------------------------------------------------------------------------------------
 
-    async def generate(self, order: GenerateOrder) -> AsyncIterator[list[TokenEvent] | Checkpoint]:
-        """Run one request; yields its events, one list per engine step that produced some (more
-        when the caller reads slower than the engine steps), the last with the finish reason.
-        Raises before the first yield when the request is refused (nothing queued then)."""
-        inbox = _Inbox()
-        await asyncio.wrap_future(self.loop.submit(lambda e: self._request(e, order), inbox.put, order.replay))
-        async for events in _forward(inbox.queue, order.request_id):
-            yield events
+    async def events(self) -> AsyncIterator[dict[str, list[Event]]]:
+        """Every request's events, for as long as this worker lives (call with
+        num_returns="streaming", once): each item maps a request id to what it got since the
+        previous item, in order (lists of `TokenEvent`s, the last with the finish reason; a
+        `Checkpoint`; `Detached` when it left this engine; `EngineFailure` when a step failed)."""
+        outbox = self._outbox_here()
+        while True:
+            tokens, rest = _split_at_checkpoints(await outbox.take())
+            if tokens:
+                yield tokens
+            if rest:
+                yield rest
 
-    async def resume(
-        self, state: bytes, migration_id: str | None = None
-    ) -> AsyncIterator[list[TokenEvent] | Checkpoint | int]:
-        """Continue a request another worker detached (its `SequenceState`; after a pre-copy into
-        `migration_id`, its last piece); yields the state's size in bytes once it is queued here
-        (the handover is done), then its events as `generate` does."""
-        inbox = _Inbox()
-        request_id = await asyncio.wrap_future(self.loop.attach(state, inbox.put, migration_id))
-        yield len(state)
-        async for events in _forward(inbox.queue, request_id):
-            yield events
+    def _outbox_here(self) -> _Outbox:
+        if self._outbox is None:
+            self._outbox = _Outbox()
+        return self._outbox
 
-    async def recover(
-        self, chain: list[bytes], replay: tuple[int, ...], recovery_id: str
-    ) -> AsyncIterator[list[TokenEvent] | Checkpoint | int]:
-        """Continue a request whose worker died, from its recovery checkpoints and the tokens since
-        (`Engine.recover`); yields 0 once it is queued here, then its events as `generate` does."""
-        inbox = _Inbox()
-        request_id = await asyncio.wrap_future(self.loop.recover(chain, replay, recovery_id, inbox.put))
-        yield 0
-        async for events in _forward(inbox.queue, request_id):
-            yield events
+    def _listener(self, request_id: str) -> Callable[[Event], None]:
+        outbox = self._outbox_here()
+        return lambda event: outbox.put(request_id, event)
 
-    async def reattach(self, request_id: str) -> AsyncIterator[list[TokenEvent] | Checkpoint | int]:
-        """A request parked here by `detach(park=True)` goes on here (its move failed); yields 0 once
-        it runs again, then its events as `generate` does."""
-        inbox = _Inbox()
-        await asyncio.wrap_future(self.loop.reattach(request_id, inbox.put))
-        yield 0
-        async for events in _forward(inbox.queue, request_id):
-            yield events
+    async def generate(self, order: GenerateOrder) -> None:
+        """Queue one request; its events go out through `events`. Raises when the request is
+        refused (nothing queued then)."""
+        listener = self._listener(order.request_id)
+        await asyncio.wrap_future(self.loop.submit(lambda e: self._request(e, order), listener, order.replay))
+
+    async def resume(self, state: bytes, request_id: str, migration_id: str | None = None) -> int:
+        """Continue request `request_id`, which another worker detached (its `SequenceState`; after
+        a pre-copy into `migration_id`, its last piece); returns the state's size in bytes once it
+        is queued here (the handover is done). Its events go out through `events`."""
+        await asyncio.wrap_future(self.loop.attach(state, self._listener(request_id), migration_id))
+        return len(state)
+
+    async def recover(self, chain: list[bytes], replay: tuple[int, ...], recovery_id: str, request_id: str) -> None:
+        """Continue request `request_id`, whose worker died, from its recovery checkpoints and the
+        tokens since (`Engine.recover`); returns once it is queued here."""
+        listener = self._listener(request_id)
+        await asyncio.wrap_future(self.loop.recover(chain, replay, recovery_id, listener))
+
+    async def reattach(self, request_id: str) -> None:
+        """A request parked here by `detach(park=True)` goes on here (its move failed); returns once
+        it runs again."""
+        await asyncio.wrap_future(self.loop.reattach(request_id, self._listener(request_id)))
 
     async def detach(
         self, request_id: str, after: int | None = None, epoch: int | None = None, park: bool = False
@@ -293,50 +300,57 @@ class ShardWorker:
     async def import_session(self, name: str, data: bytes) -> None:
         await self._call(lambda e: e.import_session(name, data))
 
+    async def session_piece(self, name: str, p0: int) -> tuple[bytes, int]:
+        """The session's state from position `p0` on (`Engine.session_piece`), and where it starts."""
+        return await self._call(lambda e: e.session_piece(name, p0))
+
+    async def restore_session(self, name: str, chain: list[bytes]) -> None:
+        await self._call(lambda e: e.restore_session(name, chain))
+
     async def shutdown(self) -> None:
         self.loop.stop()
 
 
-class _Inbox:
-    """A request's events, handed from the engine's thread (`put`, its listener) to the actor's
-    event loop (`queue`)."""
+class _Outbox:
+    """Every request's events, handed from the engine's thread (`put`, their listeners) to the
+    actor's event loop, where `take` gathers all that came since it last ran."""
 
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.pending: dict[str, list[Event]] = {}
+        self.ready = asyncio.Event()
 
-    def put(self, batch: Event) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, batch)
+    def put(self, request_id: str, event: Event) -> None:
+        self.loop.call_soon_threadsafe(self._add, request_id, event)
+
+    def _add(self, request_id: str, event: Event) -> None:
+        events = self.pending.setdefault(request_id, [])
+        if isinstance(event, list) and events and isinstance(events[-1], list):
+            events[-1] = events[-1] + event  # tokens after tokens: one list
+        else:
+            events.append(event)
+        self.ready.set()
+
+    async def take(self) -> dict[str, list[Event]]:
+        await self.ready.wait()
+        self.ready.clear()
+        taken, self.pending = self.pending, {}
+        return taken
 
 
-async def _forward(inbox: asyncio.Queue[Event], request_id: str) -> AsyncIterator[list[TokenEvent] | Checkpoint]:
-    """A request's events from its listener's inbox, as many as have come at each read, until its
-    finish (or until it leaves this engine: `Detached` ends the stream without one); a recovery
-    checkpoint goes out as an item of its own, after the tokens before it."""
-    while True:
-        batch = await inbox.get()
-        events: list[TokenEvent] = []
-        while True:
-            if isinstance(batch, EngineFailure):
-                raise RuntimeError(f"request {request_id} ended by a failed engine step: {batch.message}")
-            if isinstance(batch, Detached):
-                if events:
-                    yield events
-                return
-            if isinstance(batch, Checkpoint):
-                if events:
-                    yield events
-                    events = []
-                yield batch
-            else:
-                events += batch
-            if inbox.empty():
-                break
-            batch = inbox.get_nowait()
-        if events:
-            yield events
-            if events[-1].finish_reason is not None:
-                return
+def _split_at_checkpoints(taken: dict[str, list[Event]]) -> tuple[dict[str, list[Event]], dict[str, list[Event]]]:
+    """A take in two items: each request's events before its first checkpoint, then the rest. A
+    checkpoint is large (hundreds of KB: Ray sends it through its object store); the step's tokens,
+    small, go ahead of it in an item of their own. Each request's order is kept."""
+    first: dict[str, list[Event]] = {}
+    rest: dict[str, list[Event]] = {}
+    for request_id, events in taken.items():
+        cut = next((i for i, e in enumerate(events) if isinstance(e, Checkpoint)), len(events))
+        if cut:
+            first[request_id] = events[:cut]
+        if cut < len(events):
+            rest[request_id] = events[cut:]
+    return first, rest
 
 
 def load_stage(spec: ShardSpec) -> Model:

@@ -90,7 +90,11 @@ def test_a_killed_worker_loses_no_token(service_of, name: str, stages: int, work
         assert tokens == engine_tokens(name, prompt, **sampling)  # none lost, repeated or changed
         assert replicas[0] == killed != replicas[-1]
         states = {r.replica_id: r.state for r in client.replicas()}
-        assert states[killed] == "dead" and states[replicas[-1]] == "ready"
+        assert states[replicas[-1]] == "ready"
+        if states[killed] == "ready":  # rebuilt already (test_rebuild.py follows a rebuild through)
+            assert all(w.pid in service.worker_pids for r in client.replicas() if r.replica_id != killed for w in r.workers)
+        else:
+            assert states[killed] in ("dead", "starting")
         assert client.stats().recoveries == 1
         # the survivor serves new requests as before
         assert client.complete(prompt, max_tokens=8, temperature=0.0).token_ids == engine_tokens(

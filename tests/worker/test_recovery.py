@@ -150,3 +150,42 @@ def test_a_skipped_draw_leaves_the_generator_where_a_draw_leaves_it(
     _draw(logits, params, drawn)
     skip_draw(skipped)
     assert drawn.rng == skipped.rng
+
+
+@pytest.mark.parametrize("name", KINDS)
+@settings(max_examples=settings.default.max_examples // 25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(every=st.integers(1, 12), first=st.integers(1, 40), budget=st.sampled_from([2048, 256]))
+def test_a_session_restored_from_its_saved_chain_goes_on_with_the_same_tokens(
+    name: str, every: int, first: int, budget: int
+) -> None:
+    """A session's state as the coordinator saves it at a turn's end (the turn's checkpoints, then
+    `session_piece` since the last of them), restored on another engine (`restore_session`): its
+    next turn equals that of an undisturbed engine, with a roomy or a small cache (`budget` cells)."""
+    turns = [tuple(range(20, 20 + first)), (5, 6, 7, 8)]
+    params = SamplingParams(**{**SEEDED.__dict__, "max_tokens": 12})
+
+    def session_turn(engine: Engine, i: int, seen: Coordinator) -> list[TokenEvent]:
+        request = Request(f"t{i}", tuple((engine.session_history("s") or []) + list(turns[i])), params, "s")
+        engine.add(request)
+        run_for(engine, seen, None)
+        return seen.events[request.id]
+
+    undisturbed = Engine(model(name), EngineConfig(n_ctx=2048, n_seq_max=2))
+    undisturbed.open_session("s")
+    session_turn(undisturbed, 0, Coordinator())
+    want = session_turn(undisturbed, 1, Coordinator())
+
+    config = EngineConfig(n_ctx=budget, n_seq_max=2, checkpoint_every=every)
+    first_engine = Engine(model(name), config)
+    first_engine.open_session("s")
+    seen = Coordinator()
+    session_turn(first_engine, 0, seen)
+    chain = seen.chains["t0"]
+    piece, p0 = first_engine.session_piece("s", chain[-1].fed)
+    saved = [c.data for c in chain] + [piece] if p0 else [piece]
+
+    second = Engine(model(name), config)
+    second.restore_session("s", saved)
+    assert second.session_history("s") == first_engine.session_history("s")
+    same(session_turn(second, 1, Coordinator()), want)

@@ -587,6 +587,51 @@ class Engine:
             session.seq = seq
         self.sessions.sessions[name] = session
 
+    def session_piece(self, name: str, p0: int) -> tuple[bytes, int]:
+        """Session `name`'s state as a piece (`SequenceState`) whose memory snapshot holds only its
+        positions from `p0` on, for a chain of its recovery checkpoints that already holds those
+        before (`restore_session`); returns it and the `p0` it starts at: 0, the whole state, when
+        its memory is on the host now or holds no more than `p0` tokens. UnknownSession, SessionBusy."""
+        session = self._idle_session(name)
+        fed = len(session.tokens)
+        if session.seq is None or not session.tokens or not 0 < p0 < fed:
+            return self.export_session(name), 0
+        piece = self.memory.state_write(session.seq, p0, None)
+        return SequenceState(tuple(session.history), fed, piece).encode(), p0
+
+    def restore_session(self, name: str, chain: list[bytes]) -> None:
+        """A session `name` from a chain of states (`SequenceState`s, in order: the first holds the
+        whole sequence, each later one the piece since; a request's recovery checkpoints then its
+        `session_piece`, or one `export_session`), for a session whose replica died. SessionExists,
+        MemoryFull, or a SnapshotError when the chain is damaged; nothing is kept then."""
+        if not chain:
+            raise InvalidInput("a session's chain holds at least one state")
+        if len(chain) == 1:
+            return self.import_session(name, chain[0])
+        if self.sessions.get(name) is not None:
+            raise SessionExists(f"session {name!r} exists already")
+        max_bytes = self.memory.max_snapshot_bytes + MAX_HEADER_BYTES
+        states = [SequenceState.decode(data, max_bytes=max_bytes) for data in chain]
+        last = states[-1]
+        vocab = self.model.config.vocab_size
+        if any(t >= vocab for t in last.history):
+            raise SnapshotIncompatible(f"the session's tokens run past this model's vocabulary of {vocab}")
+        restoring = f"session-restore:{name}"
+        seq = self._reserve(restoring)
+        try:
+            for state in states:
+                if state.snapshot and not self._read_state(state.snapshot, seq):
+                    raise MemoryFull(f"no room here for session {name!r} ({self.memory.stats()})")
+            if self.memory.seq_pos_max(seq) != last.fed - 1:
+                raise SnapshotCorrupt(f"the session's chain holds positions up to {self.memory.seq_pos_max(seq)}; "
+                                      f"its last state says {last.fed} tokens")  # fmt: skip
+        except BaseException:
+            self.abort_incoming(restoring)
+            raise
+        del self.incoming[restoring]
+        history = list(last.history)
+        self.sessions.sessions[name] = Session(name, history[: last.fed], history, seq, last_used=next(self._arrivals))
+
     def _place_snapshot(self, data: bytes, fed: int) -> int | None:
         """Read a one-sequence snapshot that holds `fed` tokens into a free sequence id, evicting
         idle sessions for room; None when there is none, after checking it as far as memory can
