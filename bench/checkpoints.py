@@ -1,7 +1,7 @@
 """What recovery checkpoints cost the engine (issue 15): decode tokens/s with a checkpoint of every
 running request every K tokens against none, in the same run, and the bytes written per token.
 
-    python bench/checkpoints.py [--model PATH] [--streams 1 32] [--every 16] [--rounds 3]
+    python bench/checkpoints.py [--model PATH] [--streams 1 32] [--every 16] [--rounds 3] [--service]
 
 bench/engine.py's workload (256-token prompts of random tokens, 128 new tokens, greedy, ignore_eos) at each stream
 count, through `statemesh.worker.engine.engine.Engine` in this process; runs with and without
@@ -11,6 +11,11 @@ piece of the sequence since the last one, and its recurrent and sampler state; `
 is their total size over the tokens generated, and `bytes_per_checkpoint_first` / `_later` show
 that only the first holds the whole sequence. One JSON object per line, naming the CPU and its
 OpenBLAS core. It runs under `statemesh.worker.runtime`'s worker settings, as bench/engine.py does.
+
+--service measures the same through the service, where checkpoints also travel to the coordinator:
+`statemesh serve --checkpoint-every K` against `--checkpoint-every 0` (bench/service.py's server and
+clients, one server at a time), the two alternating round by round, each round a fresh server;
+`service_checkpoints` lines compare the decode-phase tokens/s of the same streams (target >= 0.95).
 """
 
 from __future__ import annotations
@@ -64,6 +69,33 @@ def run(model: Model, prompts: list[list[int]], new: int, every: int) -> dict[st
     return {"decode_tokens_per_s": decode_tokens / elapsed, "checkpoints": sizes, "tokens": len(prompts) * new}
 
 
+def run_service_rounds(args: argparse.Namespace, model: Model, machine: dict[str, Any]) -> None:
+    """The service with checkpoints every `args.every` tokens against none, alternating by round."""
+    import service  # bench/service.py: its server, its clients, its measures
+
+    model_path = str(args.model or default_model_path())
+    prompts = {n: service.workload_prompts(model, n, 256) for n in args.streams}
+    n_ctx, max_seqs = max(args.streams) * (256 + args.new_tokens + 8), max(args.streams)
+    rates: dict[tuple[int, int], list[float]] = {}
+    stops: list[dict[str, Any]] = []
+    for i in range(args.rounds):
+        for every in [args.every, 0] if i % 2 == 0 else [0, args.every]:
+            serve_args = ["--model", model_path, "--n-ctx", str(n_ctx), "--max-seqs", str(max_seqs),
+                          "--checkpoint-every", str(every)]  # fmt: skip
+            with service.serving(serve_args, {**machine, "every": every}, stops) as server:
+                service.run_service(server.address, [prompts[args.streams[0]][0]], 8)  # warm
+                for n in args.streams:
+                    traces, start, _ = service.run_service(server.address, prompts[n], args.new_tokens)
+                    summary = service.summarize(traces, start)
+                    rates.setdefault((n, every), []).append(summary["decode_phase_tokens_per_s"])
+    for n in args.streams:
+        with_, without = statistics.median(rates[(n, args.every)]), statistics.median(rates[(n, 0)])
+        emit(bench="service_checkpoints", streams=n, every=args.every, rounds=args.rounds, **machine,
+             decode_tokens_per_s_with=round(with_, 2), decode_tokens_per_s_without=round(without, 2),
+             ratio=round(with_ / without, 3), target_ratio=0.95, runs_with=rates[(n, args.every)],
+             runs_without=rates[(n, 0)], clean_stops=all(s.get("exit_code") == 0 for s in stops))  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="a GGUF file or Hugging Face folder (default: SmolLM2)")
@@ -72,11 +104,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating pairs of runs per stream count")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--plain-env", action="store_true", help="run without the worker settings")
+    parser.add_argument("--service", action="store_true", help="through the service, not the engine in process")
     args = parser.parse_args()
     if not args.plain_env and missing_settings():
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **worker_environment()})
     model = load_model(args.model or default_model_path(), backend="numpy", progress=False)
     machine = {"cpu": cpu_name(), "openblas_core": openblas_core(), "model": model.config.name}
+    if args.service:
+        run_service_rounds(args, model, machine)
+        return
     for streams in args.streams:
         rng = np.random.default_rng(streams)  # distinct prompts: no prefix shared between streams
         prompts = [[int(t) for t in rng.integers(0, model.config.vocab_size, 256)] for _ in range(streams)]

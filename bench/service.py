@@ -933,6 +933,11 @@ def emit_precopy(short: dict[str, Any], long: dict[str, Any], fields: dict[str, 
         short_tokens=short["sequence_tokens_at_move"], long_tokens=long["sequence_tokens_at_move"],
         short_pause_s=short["pause_s"], long_pause_s=long["pause_s"], pause_ratio=long["pause_s"] / short["pause_s"],
         target_pause_ratio=PRECOPY_PAUSE_RATIO,
+        # the gap holds one ordinary decode step, whose attention grows with the sequence; what the move
+        # itself adds (the pause less the stream's usual gap) is what the pre-copy keeps from growing
+        short_pause_excess_s=short["pause_excess_s"], long_pause_excess_s=long["pause_excess_s"],
+        pause_excess_ratio=long["pause_excess_s"] / short["pause_excess_s"]
+        if long["pause_excess_s"] is not None and short["pause_excess_s"] else None,
         meets_pause_target=long["pause_s"] <= PRECOPY_PAUSE_RATIO * short["pause_s"],
         short_others_rate_ratio=rates[0], long_others_rate_ratio=rates[1], target_others_rate_ratio=OTHERS_RATE_RATIO,
         meets_others_rate_target=all(r is not None and r >= OTHERS_RATE_RATIO for r in rates),

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
@@ -44,3 +46,14 @@ def test_checkpoint_benchmark_compares_with_and_without_in_one_run() -> None:
         assert int(line["checkpoints"]) >= 6 * int(line["streams"])  # type: ignore[call-overload]
         # the first holds the whole sequence, the later ones only 4 tokens' cells
         assert int(line["bytes_per_checkpoint_later"]) < int(line["bytes_per_checkpoint_first"])  # type: ignore[call-overload]
+
+
+@pytest.mark.slow  # two servers: ~1 minute
+def test_checkpoint_benchmark_through_the_service_compares_servers_with_and_without() -> None:
+    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "llama"
+    lines = run_json_lines(str(BENCH / "checkpoints.py"), "--service", "--model", str(fixture), "--streams", "2",
+                           "--every", "4", "--rounds", "1", "--new-tokens", "16", "--plain-env")  # fmt: skip
+    ratios = [line for line in lines if line["bench"] == "service_checkpoints"]
+    assert [line["streams"] for line in ratios] == [2]
+    assert ratios[0]["clean_stops"] is True and float(ratios[0]["ratio"]) > 0  # type: ignore[arg-type]
+    assert len(ratios[0]["runs_with"]) == len(ratios[0]["runs_without"]) == 1  # type: ignore[arg-type]
