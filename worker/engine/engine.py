@@ -777,6 +777,7 @@ class Engine:
             for s, _ in plan.fed:
                 self._checkpoint(s)
         events = []
+        logits = self.model.backend.to_host(logits)  # sampling runs on the host: one copy of the rows, not one a row
         for s, row in plan.sampling:
             events += self._advance(s, logits[row])
         if self.config.checkpoint_every:
