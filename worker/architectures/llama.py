@@ -23,6 +23,7 @@ from statemesh.memory import AttentionSpec, Backend, MemorySpec, MicroBatch
 from statemesh.worker.architectures.model import CountedWeights, EndWeights, Model
 from statemesh.worker.kernels.attention import attend
 from statemesh.worker.kernels.nn import Weights, rms_norm, silu, times, times_out_in
+from statemesh.worker.kernels.quantized import PackedMatrix
 from statemesh.worker.kernels.rope import Rope
 from statemesh.worker.kernels.row_blocks import RowBlocks
 from statemesh.worker.loading.config import ModelConfig
@@ -41,6 +42,8 @@ class LlamaLayer:
     mlp_norm: Any  # [E]
     w_gate_up: Any  # [E, 2F]: gate and up side by side
     w_down: Any  # [E, F], as the checkpoint has it (`times_out_in`)
+    # Packed weights (`load_model(weights="q8" | "q4")`): w_qkv, wo, w_gate_up and w_down are `PackedMatrix`es
+    # laid out [out, in] ([(H + 2*Hkv)*D, E], [E, H*D], [2F, E], [E, F]), which `times` multiplies.
     # [out, in] copies of w_qkv, wo and w_gate_up for the small products of a micro-batch's parts
     # (`nn.in_part`); None where the host's BLAS has no small kernels (`Model.runs_in_parts`)
     w_qkv_t: Any = None
@@ -49,6 +52,8 @@ class LlamaLayer:
 
 
 class LlamaModel(Model):
+    takes_packed_weights = True  # `load_model(weights="q8" | "q4")`: the tensors may be `PackedMatrix`es
+
     def __init__(
         self,
         config: ModelConfig,
@@ -61,6 +66,7 @@ class LlamaModel(Model):
         self.tokenizer = tokenizer
         self.backend = backend
         self.held = layer_range(layers, config.n_layers)
+        self.packed = any(isinstance(t, PackedMatrix) for t in tensors.values())
         weights = CountedWeights(tensors, backend)
         c = config
         self.ends = EndWeights.load(
@@ -76,6 +82,8 @@ class LlamaModel(Model):
         and gate/up projections concatenated along out: single-row decode streams each weight
         once, and fewer, larger matmuls use the memory bandwidth better. The down projection
         stays [out, in], which BLAS multiplies faster for it (`times_out_in`)."""
+        if self.packed:
+            return self._packed_layer(w, i)
         c = self.config
         p = f"model.layers.{i}."
         q_dim, kv_dim, e, f = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.hidden_size, c.intermediate_size
@@ -95,13 +103,35 @@ class LlamaModel(Model):
             w_gate_up_t=w.put(gate_up, aside=True) if both else None,
         )
 
+    def _packed_layer(self, w: Weights, i: int) -> LlamaLayer:
+        """The layer with its projections packed, [out, in] as the checkpoint has them; gate and up
+        stacked (one product, as in float32), and q, k and v (`Weights.qkv`)."""
+        c = self.config
+        p = f"model.layers.{i}."
+        q_dim, kv_dim, e, f = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.hidden_size, c.intermediate_size
+        gate_and_up: list[Any] = [w.get(p + f"mlp.{n}_proj.weight", (f, e)) for n in ("gate", "up")]  # PackedMatrix
+        gate_up = PackedMatrix.stack(gate_and_up)  # [2F, E]
+        return LlamaLayer(
+            attn_norm=w.put(w.get(p + "input_layernorm.weight", (e,))),
+            w_qkv=w.qkv(p + "self_attn.", e, q_dim, kv_dim),  # [(H + 2*Hkv)*D, E]
+            b_qkv=w.qkv(p + "self_attn.", e, q_dim, kv_dim, kind="bias") if c.attention_bias else None,
+            wo=w.put(w.get(p + "self_attn.o_proj.weight", (e, q_dim))),  # [E, H*D]
+            mlp_norm=w.put(w.get(p + "post_attention_layernorm.weight", (e,))),
+            w_gate_up=w.put(gate_up),
+            w_down=w.put(w.get(p + "mlp.down_proj.weight", (e, f))),  # [E, F]
+        )
+
     @cached_property
     def runs_in_parts(self) -> bool:
         """On a host whose BLAS has small kernels: the projections of a micro-batch's part run as
         small products over [out, in] copies of the weights (`nn.times`), for which the layers keep
         them (SmolLM2: 318 MB more, 860 MB of weights in all). Not for a model whose copies would
         take more than `PART_COPIES_MAX_BYTES`: there memory is worth more than the ~5-10% of a
-        32-stream decode step that parts save."""
+        32-stream decode step that parts save. With packed weights, on any host: their products are
+        compiled loops that run on the calling thread (`PackedMatrix.times`), and parts hand a decode
+        step to the other core once, not once per product (~230 us each on the AVX2 hosts)."""
+        if self.packed:
+            return self.backend.is_host
         c = self.config
         q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
         per_layer = c.hidden_size * (2 * q_dim + 2 * kv_dim + 2 * c.intermediate_size)
@@ -117,7 +147,10 @@ class LlamaModel(Model):
         return self.rope.k_shift(layer, k, delta)
 
     def embed(self, tokens: np.ndarray) -> Any:
-        return self.ends.token_embedding()[self.backend.index(tokens)]  # [n] -> [n, E]
+        table = self.ends.token_embedding()
+        if isinstance(table, PackedMatrix):
+            return table.rows(tokens)  # [n] -> [n, E], widening only those rows
+        return table[self.backend.index(tokens)]  # [n] -> [n, E]
 
     def prepare(self, ub: MicroBatch) -> tuple[Any, Any]:
         return self.rope.cos_sin(ub.positions, self.backend.xp)  # the same for every layer
@@ -126,7 +159,7 @@ class LlamaModel(Model):
         c, w = self.config, self.layers[layer]
         n, q_dim, kv_dim = x.shape[0], c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
         h = rms_norm(x, w.attn_norm, c.rms_norm_eps)
-        qkv = times(h, w.w_qkv, w.w_qkv_t, self.row_blocks)  # [n, E] @ [E, (H+2Hkv)*D] -> [n, (H+2Hkv)*D]
+        qkv = times(h, w.w_qkv, w.w_qkv_t, self.row_blocks, self.threads)  # [n, E] @ [E, (H+2Hkv)*D] -> [n, (H+2Hkv)*D]
         if w.b_qkv is not None:
             qkv += w.b_qkv
         cos, sin = shared
@@ -137,15 +170,17 @@ class LlamaModel(Model):
         o = attend(q, ub, layer, self.scale, window=c.sliding_window, threads=self.threads)  # [n, H, D]
         if keep is not None:
             x, o, n = x[keep], o[keep], len(keep)
-        x = x + times(o.reshape(n, o.shape[1] * o.shape[2]), w.wo, w.wo_t, self.row_blocks)  # [n, H*D] -> [n, E]
+        o_flat = o.reshape(n, o.shape[1] * o.shape[2])  # [n, H, D] -> [n, H*D]
+        x = x + times(o_flat, w.wo, w.wo_t, self.row_blocks, self.threads)  # [n, H*D] -> [n, E]
         h = rms_norm(x, w.mlp_norm, c.rms_norm_eps)
-        gate_up = times(h, w.w_gate_up, w.w_gate_up_t, self.row_blocks)  # [n, E] @ [E, 2F] -> [n, 2F]
+        gate_up = times(h, w.w_gate_up, w.w_gate_up_t, self.row_blocks, self.threads)  # [n, E] @ [E, 2F] -> [n, 2F]
         f = c.intermediate_size
         act = silu(gate_up[:, :f])
         act *= gate_up[:, f:]
-        x = x + times_out_in(act, w.w_down, self.row_blocks)  # [n, F] through [E, F] -> [n, E]
+        x = x + times_out_in(act, w.w_down, self.row_blocks, self.threads)  # [n, F] through [E, F] -> [n, E]
         return x
 
     def head(self, x: Any) -> Any:
         final_norm, lm_head = self.ends.norm_and_head()
-        return lm_head(rms_norm(x, final_norm, self.config.rms_norm_eps), self.row_blocks)  # [n, E] -> [n, V]
+        h = rms_norm(x, final_norm, self.config.rms_norm_eps)
+        return lm_head(h, self.row_blocks, self.threads)  # [n, E] -> [n, V]

@@ -133,6 +133,11 @@ class CountedWeights(Weights):
         self.nbytes += int(out.nbytes)
         return out
 
+    def put_side_by_side(self, parts: list[np.ndarray], axis: int, aside: bool = False) -> Any:
+        out = super().put_side_by_side(parts, axis, aside)
+        self.nbytes += int(out.nbytes)
+        return out
+
 
 @dataclass(frozen=True)
 class EndWeights:
@@ -159,7 +164,7 @@ class EndWeights:
             table = w.put(w.get(embedding, (v, e)))
         elif last:  # the head alone: a tied one from the embedding's tensor
             weight = w.get(embedding if tied or "lm_head.weight" not in w.tensors else "lm_head.weight", (v, e))
-            head = LMHead(w.put(weight), w.put(weight.T))
+            head = w.lm_head(weight)
         norm = w.put(w.get(final_norm, (e,))) if last else None
         return EndWeights(held, config.n_layers, table, norm, head)
 

@@ -9,7 +9,9 @@ import numpy as np
 
 from statemesh.memory import Backend
 from statemesh.worker.errors import MissingTensor, ShapeMismatch
+from statemesh.worker.kernels.quantized import PackedMatrix
 from statemesh.worker.kernels.row_blocks import RowBlocks
+from statemesh.worker.kernels.threads import Threads
 from statemesh.worker.loading.host_arena import HostArena
 
 
@@ -37,20 +39,27 @@ def silu(x: Any) -> Any:
         return xp.divide(x, d, out=d)
 
 
-def times_out_in(h: Any, w: Any, row_blocks: RowBlocks | None = None) -> Any:
+def times_out_in(h: Any, w: Any, row_blocks: RowBlocks | None = None, threads: Threads | None = None) -> Any:
     """h [n, in] through w [out, in] (a checkpoint's own layout) -> [n, out]. BLAS streams w as it
     is stored and, for several rows, packs the small h: for SmolLM2's down projection [576, 1536]
     that is ~10% faster than h @ w[in, out] with one row and with 32 (a decode step of 32 streams
     ~4% faster); the [in, out] layout stays faster for the wide gate/up projection with one row.
-    In a part of a micro-batch, small products (`in_part`)."""
+    In a part of a micro-batch, small products (`in_part`). A packed w multiplies itself, on `threads`."""
+    if isinstance(w, PackedMatrix):
+        return w.times(h, threads)
     if (out := in_part(h, w, row_blocks)) is not None:
         return out
     return (w @ h[0])[None] if h.shape[0] == 1 else (w @ h.T).T
 
 
-def times(h: Any, w: Any, w_out_in: Any = None, row_blocks: RowBlocks | None = None) -> Any:
+def times(
+    h: Any, w: Any, w_out_in: Any = None, row_blocks: RowBlocks | None = None, threads: Threads | None = None
+) -> Any:
     """h [n, in] @ w [in, out] -> [n, out]; in a part of a micro-batch, small products over the
-    same weight laid out [out, in] (`in_part`), when the model keeps that copy."""
+    same weight laid out [out, in] (`in_part`), when the model keeps that copy. A packed w (laid out
+    [out, in]) multiplies itself, on `threads`."""
+    if isinstance(w, PackedMatrix):
+        return w.times(h, threads)
     if w_out_in is not None and (out := in_part(h, w_out_in, row_blocks)) is not None:
         return out
     return h @ w
@@ -100,11 +109,23 @@ class Weights:
             raise ShapeMismatch(f"tensor {name!r} has shape {t.shape}; the config implies {shape}")
         return t
 
-    def put(self, t: np.ndarray, aside: bool = False) -> Any:
+    def put(self, t: Any, aside: bool = False) -> Any:  # t: an array, or a PackedMatrix
         arena = self.arena_aside if aside else self.arena
+        if isinstance(t, PackedMatrix):  # host only (`load_model`); its arrays keep their types
+            assert arena is not None, "packed weights live on the host"
+            return t.map_arrays(arena.copy)
         if arena is not None:
             return arena.copy(t, np.float32)
         return self.backend.asarray(np.ascontiguousarray(t, dtype=np.float32))
+
+    def put_side_by_side(self, parts: list[np.ndarray], axis: int, aside: bool = False) -> Any:
+        """`np.concatenate(parts, axis)` put on the backend; on the host written straight into the
+        arena, with no concatenated temporary to copy from (fresh memory, which these machines are
+        slow to hand out: `HostArena`)."""
+        arena = self.arena_aside if aside else self.arena
+        if arena is not None:
+            return arena.concatenate(parts, axis, np.float32)
+        return self.backend.asarray(np.ascontiguousarray(np.concatenate(parts, axis=axis), dtype=np.float32))
 
     def embedding_and_head(self, name: str, vocab: int, hidden: int, tied: bool) -> tuple[Any, LMHead]:
         """(embedding [V, E], the vocabulary head). The head is the embedding when the config ties
@@ -112,9 +133,14 @@ class Weights:
         table = self.get(name, (vocab, hidden))
         embedding = self.put(table)
         if tied or "lm_head.weight" not in self.tensors:
-            return embedding, LMHead(embedding, self.put(table.T))
-        head = self.get("lm_head.weight", (vocab, hidden))
-        return embedding, LMHead(self.put(head), self.put(head.T))
+            return embedding, self.lm_head(table, embedding)
+        return embedding, self.lm_head(self.get("lm_head.weight", (vocab, hidden)))
+
+    def lm_head(self, w: np.ndarray | PackedMatrix, put_w: Any = None) -> LMHead:
+        """The vocabulary head over w [V, E] (`put_w`: w already put, e.g. the tied embedding): a
+        float32 w in both layouts, a packed one once, as it is."""
+        put_w = self.put(w) if put_w is None else put_w
+        return LMHead(put_w, None if isinstance(w, PackedMatrix) else self.put(w.T))
 
     def qkv(self, prefix: str, hidden: int, q_dim: int, kv_dim: int, kind: str = "weight") -> Any:
         """q, k and v projections side by side, [E, q + 2 kv] (`kind="bias"`: [q + 2 kv]; `kind=
@@ -123,10 +149,12 @@ class Weights:
         parts = [(n, d) for n, d in (("q", q_dim), ("k", kv_dim), ("v", kv_dim))]
         if kind == "bias":
             return self.put(np.concatenate([self.get(prefix + f"{n}_proj.bias", (d,)) for n, d in parts]))
-        out_in = np.concatenate([self.get(prefix + f"{n}_proj.weight", (d, hidden)) for n, d in parts])
+        weights = [self.get(prefix + f"{n}_proj.weight", (d, hidden)) for n, d in parts]  # each [d, E]
+        if isinstance(weights[0], PackedMatrix):  # packed weights stay [out, in]: [q + 2 kv, E]
+            return self.put(PackedMatrix.stack(weights))
         if kind == "weight_out_in":
-            return self.put(out_in, aside=True)
-        return self.put(out_in.T)
+            return self.put_side_by_side(weights, axis=0, aside=True)  # [q + 2 kv, E]
+        return self.put_side_by_side([w.T for w in weights], axis=1)  # [E, q + 2 kv]
 
 
 class LMHead:
@@ -135,14 +163,17 @@ class LMHead:
     SmolLM2). Several rows go, where the host's BLAS has the kernels (`RowBlocks`), through small
     products over blocks of w's rows (32 rows: ~12 ms against ~17); else through w @ h.T, because
     BLAS then packs the small h, not the 113 MB matrix, a block of `ROWS_PER_BLOCK` vocabulary
-    rows at a time, so that each [block, n] result is written transposed while it is in cache."""
+    rows at a time, so that each [block, n] result is written transposed while it is in cache.
+    A packed w (`PackedMatrix`) is kept once, and multiplies itself on `threads`."""
 
     ROWS_PER_BLOCK = 2048  # [2048, n] results: 256 KB for 32 rows, within a 2 MB L2
 
     def __init__(self, w: Any, w_t: Any):
-        self.w, self.w_t = w, w_t  # [V, E] (the embedding itself when tied), [E, V]
+        self.w, self.w_t = w, w_t  # [V, E] (the embedding itself when tied), [E, V] (None when packed)
 
-    def __call__(self, h: Any, row_blocks: RowBlocks | None = None) -> Any:
+    def __call__(self, h: Any, row_blocks: RowBlocks | None = None, threads: Threads | None = None) -> Any:
+        if isinstance(self.w, PackedMatrix):
+            return self.w.times(h, threads)
         if h.shape[0] == 1:
             return h @ self.w_t
         if row_blocks is not None and (logits := row_blocks(h, self.w)) is not None:

@@ -14,7 +14,9 @@ from typing import Any
 import numpy as np
 
 from statemesh.worker.errors import ModelError, UnknownArchitecture
+from statemesh.worker.kernels.quantized import from_gguf_blocks, pack_q8, packs
 from statemesh.worker.loading.config import ModelConfig
+from statemesh.worker.loading.gguf_header import read_gguf_header
 from statemesh.worker.loading.progress import Progress
 from statemesh.worker.loading.tensor_selection import LayerChoice, TensorSelection
 from statemesh.worker.loading.tokenizer import Tokenizer, tokenizer_from_gguf
@@ -59,17 +61,16 @@ def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def read_gguf(
-    path: Path, progress: bool | None = None, layers: LayerChoice = None
-) -> tuple[ModelConfig, dict[str, np.ndarray], Tokenizer]:
+    path: Path, progress: bool | None = None, layers: LayerChoice = None, weights: str = "f32"
+) -> tuple[ModelConfig, dict[str, Any], Tokenizer]:
     """The config, the tensors (only those of model layers `layers` and the ends they need, when
-    given: `TensorSelection`; the others are never dequantized) and the tokenizer."""
+    given: `TensorSelection`; the others are never dequantized) and the tokenizer. With `weights`
+    "q8" or "q4" the projections, embedding and head come as `PackedMatrix` (`quantized.py`), from
+    the file's blocks where they map onto that layout exactly, else rounded from float32."""
     import gguf
 
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except (ValueError, OSError) as e:
-        raise ModelError(f"{path} is not a readable GGUF file: {e}") from e
-    meta: dict[str, Any] = {key: f.contents() for key, f in reader.fields.items()}
+    reader = read_gguf_header(path)  # metadata in bulk; the tensors' data as views of the mapped file
+    meta: dict[str, Any] = reader.metadata
     arch = meta.get("general.architecture")
     if arch not in GGUF_ARCHITECTURES:
         raise UnknownArchitecture(f"GGUF architecture {arch!r}; supported: {sorted(GGUF_ARCHITECTURES)}")
@@ -78,7 +79,7 @@ def read_gguf(
     known = {name for name in names.values() if name is not None}
     selection = TensorSelection.build(layers, config.n_layers, config.tie_word_embeddings, known)
     bar = Progress(f"loading {path.name}", len(reader.tensors), enabled=progress)
-    tensors: dict[str, np.ndarray] = {}
+    tensors: dict[str, Any] = {}  # name -> float32 array, or PackedMatrix (`weights`)
     for t in reader.tensors:
         name = names[t.name]
         bar.advance()
@@ -87,12 +88,17 @@ def read_gguf(
         raw = np.asarray(t.data)
         if t.tensor_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
             raw = raw.view(np.uint8)  # the reader types BF16 as uint16; dequantize wants bytes
-        w = np.asarray(gguf.quants.dequantize(raw, t.tensor_type), dtype=np.float32)
-        w = w.reshape(tuple(int(d) for d in reversed(t.shape)))  # GGUF dims are innermost-first
+        shape = tuple(int(d) for d in reversed(t.shape))  # GGUF dims are innermost-first
+        # a row is whole in its bytes (blocks never straddle rows), so rows move before unpacking
         if arch in PERMUTED_QK and name.endswith(("q_proj.weight", "q_proj.bias")):
-            w = unpermute_rope(w, config.n_heads)
+            raw = unpermute_rope(raw.reshape(shape[0], -1), config.n_heads)
         elif arch in PERMUTED_QK and name.endswith(("k_proj.weight", "k_proj.bias")):
-            w = unpermute_rope(w, config.n_kv_heads)
+            raw = unpermute_rope(raw.reshape(shape[0], -1), config.n_kv_heads)
+        packed = weights != "f32" and packs(name)
+        w: Any = from_gguf_blocks(raw, t.tensor_type.name, shape, weights) if packed else None
+        if w is None:
+            w = np.asarray(gguf.quants.dequantize(raw, t.tensor_type), dtype=np.float32).reshape(shape)
+            w = pack_q8(w) if packed else w
         tensors[name] = w
     return config, tensors, tokenizer_from_gguf(meta)
 
