@@ -32,7 +32,7 @@ def _serve(args: argparse.Namespace) -> int:
             port=args.port, backends=parse_backends(args.backend), engine=engine,
             ray=RayOptions(address=args.ray_address, num_cpus=args.num_cpus), max_in_flight=args.max_in_flight,
             token=token, tls=tls, metrics_port=args.metrics_port, http_port=args.http_port,
-            snapshot_dir=args.snapshot_dir,
+            snapshot_dir=args.snapshot_dir, weights=args.weights,
         )  # fmt: skip
     except (ValueError, AuthConfigError) as e:
         print(f"statemesh serve: {e}", file=sys.stderr)
@@ -142,6 +142,12 @@ def parser() -> argparse.ArgumentParser:
         "--checkpoint-every", type=int, default=16,
         help="a recovery checkpoint of each running request every K tokens (the cells since the last one, "
         "and its recurrent and sampler state): a request whose worker dies goes on elsewhere from there (0: none)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--weights", choices=("f32", "q8", "q4"), default="f32",
+        help="how the workers keep the large weight matrices: f32 (widened from the file), or packed from a GGUF "
+        "file: q4 (its Q4_0/Q4_1 blocks as they are, the rest as q8) or q8 (int8 with a scale per 32); packed "
+        "weights need numpy workers",
     )  # fmt: skip
     serve.add_argument(
         "--snapshot-dir",

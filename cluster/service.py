@@ -43,6 +43,7 @@ class ServiceConfig:
     metrics_port: int | None = None  # Prometheus /metrics on this port (0: a free one); None: off
     http_port: int | None = None  # the OpenAI-compatible HTTP API on this port (0: a free one); None: off
     token: str | None = field(default=None, repr=False)  # the bearer token every RPC but health's needs
+    weights: str = "f32"  # the workers' weights: f32, or packed q8 / q4 (GGUF, NumPy workers)
     snapshot_dir: str | None = None  # sessions saved here survive the server (read back when it starts on it)
     tls: TlsFiles | None = field(default=None, repr=False)
 
@@ -101,8 +102,8 @@ class ReplicaBuilder:
 
     async def place(self, i: int) -> ray_cluster.Placement:
         config = self.config
-        specs = [ShardSpec(f"r{i}", config.model_path, config.engine, self.backends[i], stage, config.stages)
-                 for stage in range(config.stages)]  # fmt: skip
+        specs = [ShardSpec(f"r{i}", config.model_path, config.engine, self.backends[i], config.weights, stage,
+                           config.stages) for stage in range(config.stages)]  # fmt: skip
         gpus = ray_cluster.gpus_per_worker(config.stages) if self.backends[i] == "cupy" else 0.0
         return await ray_cluster.place_replica(specs, self.cpus, gpus)
 

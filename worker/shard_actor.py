@@ -52,6 +52,7 @@ class ShardSpec:
     model_path: str
     engine: EngineConfig = field(default_factory=EngineConfig)
     backend: str = "numpy"  # "numpy", or "cupy" on a worker given a GPU
+    weights: str = "f32"  # how the large matrices are kept: f32, or packed q8 / q4 (`load_model`)
     stage: int = 0
     n_stages: int = 1
 
@@ -360,7 +361,7 @@ def load_stage(spec: ShardSpec) -> Model:
     def layers(n_layers: int) -> range:
         return range(*spec.layers(n_layers))
 
-    return load_model(spec.model_path, backend=spec.backend, progress=False, layers=layers)
+    return load_model(spec.model_path, backend=spec.backend, progress=False, layers=layers, weights=spec.weights)
 
 
 def worker_info(spec: ShardSpec, model: Model, stats: dict[str, Any], components: dict[str, int]) -> WorkerInfo:

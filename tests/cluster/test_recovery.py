@@ -91,8 +91,10 @@ def test_a_killed_worker_loses_no_token(service_of, name: str, stages: int, work
         assert replicas[0] == killed != replicas[-1]
         states = {r.replica_id: r.state for r in client.replicas()}
         assert states[replicas[-1]] == "ready"
-        if states[killed] == "ready":  # rebuilt already (test_rebuild.py follows a rebuild through)
-            assert all(w.pid in service.worker_pids for r in client.replicas() if r.replica_id != killed for w in r.workers)
+        if states[killed] == "ready":  # rebuilt already (test_resilience.py follows a rebuild through)
+            assert all(
+                w.pid in service.worker_pids for r in client.replicas() if r.replica_id != killed for w in r.workers
+            )
         else:
             assert states[killed] in ("dead", "starting")
         assert client.stats().recoveries == 1
