@@ -282,13 +282,18 @@ class Coordinator:
                                 await self._save_turn(call.session_id, replica, recovery)
                         yield Chunk(request_id, events, replica.replica_id, last.finish_reason or "", usage)
                 except (Unavailable, RuntimeError, ray.exceptions.RayActorError):
-                    if not await self._lost(replica):
+                    moved = await self._next_feed(request_id, replica)  # its replica died as it moved
+                    if moved is None and not await self._lost(replica):
                         raise  # its replica lives: a real error, the caller hears it
-                    replica, feed = await self._recover(request_id, recovery, replica)
+                    replica, feed = moved or await self._recover(request_id, recovery, replica)
                     keys = []
                     continue
                 if not finished:  # its feed ended unfinished: the request moved; splice its new feed
-                    replica, feed = await self._next_feed(request_id, replica)
+                    moved = await self._next_feed(request_id, replica)
+                    if moved is None and not await self._lost(replica):  # its move failed, and it lives
+                        raise Unavailable(f"replica {replica.replica_id} ended request {request_id}'s stream "
+                                          "unfinished")  # fmt: skip
+                    replica, feed = moved or await self._recover(request_id, recovery, replica)
                     keys = []
         finally:
             if feed is not None:
@@ -297,7 +302,7 @@ class Coordinator:
             replica = self.requests.pop(request_id, replica)
             replica.in_flight.discard(request_id)
             move = self._moves.pop(request_id, None)
-            if move is not None and move.done() and not move.cancelled():
+            if move is not None and move.done() and not move.cancelled() and move.exception() is None:
                 replica, moved_feed = move.result()  # it left mid-handover: it runs there now
                 moved_feed.close()
             if not finished:  # the caller left (or the stream broke): free the request's memory
@@ -472,13 +477,24 @@ class Coordinator:
             self.metrics.recovered()
         return target, feed
 
-    async def _next_feed(self, request_id: str, replica: Replica) -> tuple[Replica, Feed]:
-        """Where a request whose feed ended unfinished goes on: the handover its migration set."""
+    async def _next_feed(self, request_id: str, replica: Replica) -> tuple[Replica, Feed] | None:
+        """Where a request whose feed ended (or broke) goes on when a migration of it is under way:
+        the handover it sets, once it is done. None when there is none, or it failed (the request
+        then runs where it was, or, if its replica died meanwhile, is recovered)."""
         move = self._moves.get(request_id)
         if move is None:
-            raise Unavailable(f"replica {replica.replica_id} ended request {request_id}'s stream unfinished")
-        target, feed = await move
-        self._moves.pop(request_id, None)
+            return None
+        try:
+            target, feed = await move
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the caller left
+            return None  # it never left its replica
+        except Unavailable:
+            return None  # it left, and could go back nowhere: its replica died
+        finally:
+            self._moves.pop(request_id, None)
         replica.in_flight.discard(request_id)
         target.in_flight.add(request_id)
         self.requests[request_id] = target
@@ -527,7 +543,12 @@ class Coordinator:
                 move.cancel()
                 raise error from None  # it never left: it runs on where it was
             back = self._feed(source, request_id)
-            await _unwrapped(source.engine.reattach.remote(request_id))
+            try:
+                await _unwrapped(source.engine.reattach.remote(request_id))
+            except BaseException:  # the source died too: the request is recovered from its checkpoints
+                back.close()
+                move.set_exception(Unavailable(f"request {request_id} could go back to nowhere"))
+                raise error from None
             move.set_result((source, back))
             raise Busy(f"replica {target.replica_id} could not take request {request_id} ({error}); "
                        f"it goes on on {source.replica_id}") from error  # fmt: skip
@@ -833,8 +854,12 @@ async def _unwrapped(ref: Any) -> Any:
         return await ref
     except ray.exceptions.RayTaskError as e:
         cause = e.cause if isinstance(e.cause, BaseException) else None
+        if isinstance(cause, (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)):
+            # the call's worker lives, but what it needed died (another worker, the object it read)
+            raise Unavailable(f"a replica's worker is gone ({type(cause).__name__}); retry: another replica may "
+                              "serve") from cause  # fmt: skip
         if cause is not None:
             raise cause from None
         raise
-    except ray.exceptions.RayActorError as e:
+    except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as e:
         raise Unavailable(f"a replica's worker is gone ({type(e).__name__}); retry: another replica may serve") from e

@@ -85,8 +85,10 @@ def test_a_request_whose_node_is_removed_goes_on_on_the_other_node(two_nodes: Cl
             )["x"]
             assert tokens == [e.token for e in want]
             assert replicas[0] == on_worker_node.replica_id != replicas[-1]
-            states = {r.replica_id: r.state for r in client.replicas()}
-            assert states[on_worker_node.replica_id] == "dead" and client.stats().recoveries == 1
+            assert client.stats().recoveries == 1
+            # then rebuilt where there is room: the node left, so never on it again
+            gone = next(r for r in client.replicas() if r.replica_id == on_worker_node.replica_id)
+            assert gone.state in ("dead", "starting") or all(w.node_id != worker_node.node_id for w in gone.workers)
     finally:
         assert service.stop() == 0
     assert leftovers(service) == []
