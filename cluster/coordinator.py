@@ -165,8 +165,6 @@ class Counters:
     cached_tokens: int = 0
     migrations: int = 0
     recoveries: int = 0
-    sessions_recovered: int = 0
-    replicas_rebuilt: int = 0
 
 
 @dataclass
@@ -345,16 +343,14 @@ class Coordinator:
                 try:
                     placement = await self.rebuild(replica)
                     workers = [await actor.info.remote() for actor in placement.actors]
-                except Exception as error:  # no room yet (PlacementError), or a worker failed as it started
+                except Exception:  # no room yet (PlacementError), or a worker failed as it started
                     replica.state = "dead"
-                    replica.last_error = f"{type(error).__name__}: {error}"
                     await asyncio.sleep(REBUILD_RETRY_S)
                     continue
                 replica.actors, replica.placement, replica.workers = placement.actors, placement, workers
-                replica.events, replica.last_error = None, ""
+                replica.events = None
                 replica.prefix_keys.clear()
                 replica.state = "ready"
-                self.counters.replicas_rebuilt += 1
                 await self._recover_sessions()  # those that waited for a replica
                 return
         finally:
@@ -372,18 +368,16 @@ class Coordinator:
             if chain is None:  # never saved (a save failed): lost; its calls say so
                 self._orphans.pop(session_id, None)
                 continue
-            ready = [r for r in self.replicas if r.state == "ready"]
-            if not ready or session_id in self.request_sessions.values():
-                continue  # tried again when a replica is rebuilt
-            target = min(ready, key=lambda r: r.load)
+            if session_id in self.request_sessions.values():
+                continue  # back with its turn's request, or tried again when a replica is rebuilt
             try:
+                target = self.any_ready()
                 await self._restore_session(target, session_id, chain)
             except Exception:  # tried again when a replica is rebuilt
                 continue
             if self.sessions.get(session_id) is replica:
                 self.sessions[session_id] = target
                 self._orphans.pop(session_id, None)
-                self.counters.sessions_recovered += 1
                 if self.metrics is not None:
                     self.metrics.recovered()
 

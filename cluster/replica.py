@@ -26,7 +26,6 @@ class Replica:
     in_flight: set[str] = field(default_factory=set)  # request ids the coordinator is streaming from it
     prefix_keys: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
     events: ReplicaEvents | None = None  # its engine's event stream, opened by the first request
-    last_error: str = ""  # why its last rebuild failed (ListReplicas)
 
     @property
     def engine(self) -> Any:

@@ -60,7 +60,7 @@ class Feed:
             if isinstance(event, Detached):
                 self.close()
                 return
-            if isinstance(event, list) and event and event[-1].finish_reason is not None:
+            if _last(event):  # its finish
                 self.close()
             yield event
 

@@ -4,6 +4,7 @@ which must leave no process behind."""
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -19,6 +20,11 @@ from pathlib import Path
 import pytest
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+# a template of our own: the llama fixture has none (its plain copy checks the error for that)
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 START_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 60.0
 READY = "statemesh listening on "
@@ -71,6 +77,17 @@ def start_service(args: list[str], log: Path) -> Service:
         os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     raise AssertionError(f"the server did not become ready; its log:\n{log.read_text()[-4000:]}")
+
+
+def chat_model(folder: Path) -> Path:
+    """The llama fixture with a chat template (CHAT_TEMPLATE) in `folder`, which it makes: its files
+    linked, a tokenizer_config.json of its own."""
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json"):
+        (folder / name).symlink_to(FIXTURES / "llama" / name)
+    config = json.loads((FIXTURES / "llama" / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHAT_TEMPLATE}))
+    return folder
 
 
 def leftovers(service: Service, worker_pids: list[int] = ()) -> list[str]:  # type: ignore[assignment]

@@ -42,16 +42,12 @@ from statemesh.worker.engine.engine import Engine, EngineConfig, Request, TokenE
 from statemesh.worker.engine.sampling import SamplingParams
 
 from .conftest import FIXTURES, Service, leftovers, start_service
+from .conftest import chat_model as chat_model_folder
 
 BIN = Path(sys.executable).parent  # the venv's bin: statemesh, ray
 RUN_TIMEOUT_S = 300.0
 HEAD_START_TIMEOUT_S = 120.0
 JOB_SERVER_TRIES = 10
-# the llama fixture has no chat template: its copy here gets one, so that chat messages run too
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
 GREEDY = {"max_tokens": 10, "temperature": 0.0}
 SEEDED = {"max_tokens": 10, "temperature": 0.8, "top_k": 40, "seed": 7}
@@ -81,14 +77,8 @@ def line_id(number: int) -> str | int:
 
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The llama fixture with a chat template: its files linked, a tokenizer_config.json of its own."""
-    folder = tmp_path_factory.mktemp("batch_model") / "llama-chat"
-    folder.mkdir()
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json"):
-        (folder / name).symlink_to(FIXTURES / "llama" / name)
-    config = json.loads((FIXTURES / "llama" / "tokenizer_config.json").read_text())
-    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHAT_TEMPLATE}))
-    return folder
+    """The llama fixture with a chat template, so that chat messages run too."""
+    return chat_model_folder(tmp_path_factory.mktemp("batch_model") / "llama-chat")
 
 
 @cache

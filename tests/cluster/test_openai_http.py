@@ -23,28 +23,13 @@ from statemesh.cluster.coordinator import Coordinator
 from statemesh.cluster.errors import QueueFull, Unavailable
 from statemesh.cluster.http_front import HttpFront, api_error
 
-from .conftest import FIXTURES, Service, leftovers, start_service
+from .conftest import FIXTURES, Service, chat_model, leftovers, start_service
 
-# a template of our own: the llama fixture has none (its plain copy checks the error for that)
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 MODEL = "llama-chat"  # the folder's name is the model's name
 PROMPT = "The capital of France is"
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
 SEEDED = {"temperature": 0.8, "top_p": 0.9, "seed": 7}
 LONG = 3000  # tokens a request left running would still produce for seconds (n_ctx below is 4096)
-
-
-def chat_model(folder: Path) -> Path:
-    """The llama fixture with a chat template: its files linked, a tokenizer_config.json of its own."""
-    folder.mkdir()
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json"):
-        (folder / name).symlink_to(FIXTURES / "llama" / name)
-    config = json.loads((FIXTURES / "llama" / "tokenizer_config.json").read_text())
-    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHAT_TEMPLATE}))
-    return folder
 
 
 def serve(model: Path, log: Path) -> Service:

@@ -552,10 +552,14 @@ class Engine:
             raise SnapshotCorrupt(f"the request's state is malformed: {type(e).__name__}: {e}") from None
         if not 0 < prompt_len <= len(state.history) or state.fed > len(state.history):
             raise SnapshotCorrupt(f"the request's prompt of {prompt_len} tokens does not fit its {len(state.history)}")
-        vocab = self.model.config.vocab_size
-        if any(t >= vocab for t in state.history):
-            raise SnapshotIncompatible(f"the request's tokens run past this model's vocabulary of {vocab}")
+        self._check_vocab(state.history, "the request's")
         return s
+
+    def _check_vocab(self, tokens: tuple[int, ...], whose: str) -> None:
+        """A state's tokens must be this model's: SnapshotIncompatible (a state of another model) if not."""
+        vocab = self.model.config.vocab_size
+        if any(t >= vocab for t in tokens):
+            raise SnapshotIncompatible(f"{whose} tokens run past this model's vocabulary of {vocab}")
 
     def export_session(self, name: str) -> bytes:
         """Session `name`'s portable state (`SequenceState`): its memory snapshot and its tokens.
@@ -576,9 +580,7 @@ class Engine:
         if self.sessions.get(name) is not None:
             raise SessionExists(f"session {name!r} exists already; import it under another id")
         state = SequenceState.decode(data, max_bytes=self.memory.max_snapshot_bytes + MAX_HEADER_BYTES)
-        vocab = self.model.config.vocab_size
-        if any(t >= vocab for t in state.history):
-            raise SnapshotIncompatible(f"the session's tokens run past this model's vocabulary of {vocab}")
+        self._check_vocab(state.history, "the session's")
         session = Session(name, list(state.history[: state.fed]), list(state.history), last_used=next(self._arrivals))
         if state.snapshot:
             seq = self._place_snapshot(state.snapshot, state.fed)
@@ -613,22 +615,18 @@ class Engine:
         max_bytes = self.memory.max_snapshot_bytes + MAX_HEADER_BYTES
         states = [SequenceState.decode(data, max_bytes=max_bytes) for data in chain]
         last = states[-1]
-        vocab = self.model.config.vocab_size
-        if any(t >= vocab for t in last.history):
-            raise SnapshotIncompatible(f"the session's tokens run past this model's vocabulary of {vocab}")
-        restoring = f"session-restore:{name}"
-        seq = self._reserve(restoring)
-        try:
-            for state in states:
-                if state.snapshot and not self._read_state(state.snapshot, seq):
-                    raise MemoryFull(f"no room here for session {name!r} ({self.memory.stats()})")
-            if self.memory.seq_pos_max(seq) != last.fed - 1:
-                raise SnapshotCorrupt(f"the session's chain holds positions up to {self.memory.seq_pos_max(seq)}; "
-                                      f"its last state says {last.fed} tokens")  # fmt: skip
-        except BaseException:
-            self.abort_incoming(restoring)
-            raise
-        del self.incoming[restoring]
+        self._check_vocab(last.history, "the session's")
+        restoring = f"session-restore:{name}"  # read as a migration's pieces are, into one kept sequence id
+        for state in states:
+            if state.snapshot:
+                self.receive(restoring, state.snapshot)  # MemoryFull or a SnapshotError: nothing kept
+        seq = self.incoming.pop(restoring, None)
+        held = self.memory.seq_pos_max(seq) if seq is not None else -1
+        if held != last.fed - 1:
+            if seq is not None:
+                self._release_seq(seq)
+            raise SnapshotCorrupt(f"the session's chain holds positions up to {held}; its last state says "
+                                  f"{last.fed} tokens")  # fmt: skip
         history = list(last.history)
         self.sessions.sessions[name] = Session(name, history[: last.fed], history, seq, last_used=next(self._arrivals))
 
